@@ -1,0 +1,43 @@
+# multinorm — `make help` lists the targets.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+SCALE  ?= default
+
+.DEFAULT_GOAL := help
+.PHONY: help setup test smoke figures bench data demo clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
+	@echo "  variables: SCALE=default|quick (figures), PYTHON=python3 (venv interpreter)"
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install the package (idempotent)
+
+data: $(STAMP) ## build the embedded wiki-sample corpus and tokenizer cache in data/
+	$(PY) -m multinorm.data --dataset wiki-sample
+
+test: $(STAMP) ## run the unit, end-to-end and notebook smoke tests (CPU, offline)
+	$(PY) -m pytest -q
+
+smoke: $(STAMP) ## run every notebook with tiny parameters into a temporary folder
+	$(PY) -m multinorm.studies smoke
+
+figures: $(STAMP) ## re-run every study notebook (SCALE=default|quick) and regenerate figures/ and README tables
+	$(PY) -m multinorm.studies figures --scale $(SCALE)
+
+bench: $(STAMP) ## optimizer-step benchmark -> results/bench/optimizer_step.csv
+	$(PY) -m multinorm.bench --out results/bench
+
+demo: $(STAMP) ## a short training run: nano LLaMA, wiki-sample, AdamW
+	$(PY) -m multinorm.train --model nano --dataset wiki-sample --optimizer adamw --tokens 2000000 --overwrite
+
+clean: ## remove the virtualenv and caches (keeps results/ and figures/)
+	rm -rf $(VENV) .pytest_cache src/*.egg-info

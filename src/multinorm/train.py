@@ -1,0 +1,460 @@
+"""The training loop, its run records and checkpoints, and the CLI (`python -m multinorm.train`).
+
+One run = one folder `results/runs/<run-id>/`:
+
+    config.json      every setting needed to re-run, plus package version, git commit, torch, device
+    metrics.jsonl    one line per logged step: step, tokens, train_loss, val_loss, val_ppl, lr,
+                     tokens_per_s, wall_s, optimizer_state_bytes, peak_memory_bytes
+    summary.json     final status ("completed" / "diverged"), final validation loss/ppl, throughput
+    checkpoint.pt    model + optimizer + scheduler + step (git-ignored), for `--resume`
+
+Schedule (the GaLore benchmark's): linear warm-up from 0 over the first 10 % of steps, then cosine
+decay to 10 % of the peak learning rate. On CPU a resumed run reproduces the uninterrupted run's
+metrics exactly: batches are a pure function of (seed, step), and the checkpoint holds all state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from multinorm import __version__
+from multinorm.data import DATASETS, load_data
+from multinorm.llama import MODEL_CONFIGS, build_model, count_parameters, llama_config
+from multinorm.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
+
+__all__ = ["TrainConfig", "RunResult", "train", "lr_factor", "main"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class ConfigError(ValueError):
+    """A bad setting, reported as one line by the CLI."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Field names are the CLI flags with '-' for '_'."""
+
+    model: str = "nano"
+    dataset: str = "wiki-sample"
+    data_files: str | None = None
+    vocab_size: int = 4096
+    seq_len: int = 256
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    hparams: dict[str, Any] = field(default_factory=dict)
+    tokens: int = 2_000_000
+    batch_size: int = 16
+    grad_accum: int = 1
+    warmup_frac: float = 0.1
+    min_lr_ratio: float = 0.1
+    eval_interval: int = 50
+    eval_tokens: int | None = 131_072
+    eval_batch_size: int = 16
+    eval_mode: str = "exact"
+    log_interval: int = 10
+    checkpoint_interval: int = 0
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "auto"
+    results_dir: str = "results/runs"
+    run_id: str | None = None
+    cache_dir: str | None = None
+    progress: bool = True
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.seq_len
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.tokens_per_step
+
+    def resolved_dtype(self) -> str:
+        if self.dtype != "auto":
+            return self.dtype
+        return "bf16" if self.device.startswith("cuda") else "fp32"
+
+    def default_run_id(self) -> str:
+        return f"{self.model}-{self.dataset}-{self.optimizer}-lr{self.lr:g}-seed{self.seed}"
+
+    def validate(self) -> None:
+        """Reject bad settings before any work is done, with a message that names the fix."""
+        if self.model not in MODEL_CONFIGS:
+            raise ConfigError(f"unknown model {self.model!r}; valid models: {', '.join(MODEL_CONFIGS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; valid optimizers: {', '.join(OPTIMIZERS)}")
+        if self.dataset not in DATASETS:
+            raise ConfigError(f"unknown dataset {self.dataset!r}; valid datasets: {', '.join(DATASETS)}")
+        max_pos = MODEL_CONFIGS[self.model].max_position_embeddings
+        if not 1 <= self.seq_len <= max_pos:
+            raise ConfigError(f"seq_len {self.seq_len} is outside 1..{max_pos}, the positions of model {self.model!r}")
+        if not self.lr > 0 or not math.isfinite(self.lr):
+            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum ({self.grad_accum})")
+        if self.steps < 1:
+            raise ConfigError(f"token budget {self.tokens:,} is smaller than one step "
+                              f"({self.batch_size} x {self.seq_len} = {self.tokens_per_step:,} tokens)")
+        if self.eval_interval < 1 or self.log_interval < 1 or self.checkpoint_interval < 0:
+            raise ConfigError("eval_interval and log_interval must be >= 1, checkpoint_interval >= 0")
+        if not 0 <= self.warmup_frac < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("warmup_frac must be in [0, 1) and min_lr_ratio in [0, 1]")
+        if self.eval_mode not in ("exact", "galore_compat"):
+            raise ConfigError(f"eval_mode must be 'exact' or 'galore_compat', got {self.eval_mode!r}")
+        if self.resolved_dtype() not in DTYPES:
+            raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+
+
+@dataclass
+class RunResult:
+    """What a run leaves behind: its folder and its final summary."""
+
+    run_dir: Path
+    summary: dict[str, Any]
+
+    @property
+    def status(self) -> str:
+        return self.summary["status"]
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.run_dir)
+
+
+def lr_factor(step: int, total_steps: int, warmup_frac: float = 0.1, min_lr_ratio: float = 0.1) -> float:
+    """Multiplier of the peak lr at `step`: linear warm-up from 0, then cosine to `min_lr_ratio`."""
+    warmup = int(warmup_frac * total_steps)
+    if step < warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[2]
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    # ru_maxrss is the process high-water mark, in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data, batch_size: int, device: torch.device, mode: str = "exact") -> float:
+    """Mean validation loss per predicted token on the fixed validation set.
+
+    `mode="galore_compat"` reproduces the GaLore evaluator's quirk (benchmark.md §4): the mean of
+    per-batch mean losses divided by n + 1 for n batches, which biases the perplexity low.
+    """
+    was_training = model.training
+    model.eval()
+    total_loss, total_count, batch_losses = 0.0, 0, []
+    for input_ids, labels in data.val_batches(batch_size):
+        input_ids, labels = input_ids.to(device), labels.to(device)
+        loss = model(input_ids=input_ids, labels=labels).loss.float().item()
+        count = int((labels[:, 1:] != -100).sum())
+        total_loss += loss * count
+        total_count += count
+        batch_losses.append(loss)
+    model.train(was_training)
+    if total_count == 0:
+        raise ValueError("the validation set is empty")
+    if mode == "galore_compat":
+        return sum(batch_losses) / (len(batch_losses) + 1)
+    return total_loss / total_count
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, tokens_seen: int, wall: float) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "tokens": tokens_seen, "wall_s": wall}, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-save never leaves a half-written checkpoint
+
+
+def _load_checkpoint(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"cannot resume: no checkpoint at {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        missing = {"model", "optimizer", "scheduler", "step"} - set(ckpt)
+        if missing:
+            raise ValueError(f"missing keys {sorted(missing)}")
+        return ckpt
+    except Exception as exc:  # torch raises many kinds on a damaged file
+        raise ConfigError(f"cannot resume: checkpoint {path} is corrupt or unreadable ({exc.__class__.__name__}: {exc})") from None
+
+
+def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, if_exists: str) -> RunResult | None:
+    config_path = run_dir / "config.json"
+    if run_dir.exists() and config_path.exists() and not resume:
+        if if_exists == "reuse":
+            old = json.loads(config_path.read_text())["config"]
+            summary_path = run_dir / "summary.json"
+            if old == _config_dict(cfg) and summary_path.exists():
+                return RunResult(run_dir, json.loads(summary_path.read_text()))
+        elif if_exists == "error":
+            raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, "
+                              f"--overwrite to replace it, or choose another --run-id")
+        for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+            (run_dir / name).unlink(missing_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"results folder {run_dir} is not writable: {exc.strerror or exc}") from None
+    return None
+
+
+def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d.pop("progress")
+    return d
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", stop_after: int | None = None) -> RunResult:
+    """Train `cfg.model` on `cfg.dataset` with `cfg.optimizer`; write the run record; return its summary.
+
+    if_exists: what to do when the run folder already holds a run: "error", "overwrite", or "reuse"
+    (return the finished run unchanged if its config is identical, otherwise re-run it).
+    stop_after: stop (with a checkpoint) after this many steps, as if interrupted; used to test resume.
+    A NaN/Inf loss ends the run with status "diverged"; everything logged up to then is kept.
+    """
+    cfg.validate()
+    run_dir = Path(cfg.results_dir) / (cfg.run_id or cfg.default_run_id())
+    reused = _prepare_run_dir(cfg, run_dir, resume, if_exists)
+    if reused is not None:
+        return reused
+
+    device = torch.device(cfg.device)
+    dtype = DTYPES[cfg.resolved_dtype()]
+    try:
+        data = load_data(cfg.dataset, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=cfg.seed,
+                         data_files=cfg.data_files, cache_dir=cfg.cache_dir, val_tokens=cfg.eval_tokens)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ConfigError(f"dataset {cfg.dataset!r}: {exc}") from None
+    model = build_model(cfg.model, data.vocab_size, seed=cfg.seed, device=device, dtype=dtype)
+    model.train()
+    params = count_parameters(model)
+    try:
+        optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, **cfg.hparams)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(str(exc)) from None
+    steps = cfg.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, steps, cfg.warmup_frac, cfg.min_lr_ratio))
+
+    start_step, tokens_seen, wall_offset = 0, 0, 0.0
+    metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
+    if resume:
+        ckpt = _load_checkpoint(ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_step, tokens_seen, wall_offset = ckpt["step"], ckpt.get("tokens", 0), ckpt.get("wall_s", 0.0)
+        # Drop lines logged after the checkpoint: they are about to be recomputed.
+        kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
+        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+    else:
+        record = {
+            "config": _config_dict(cfg),
+            "steps": steps, "tokens_per_step": cfg.tokens_per_step, "vocab_size": data.vocab_size,
+            "parameters": params, "multinorm_version": __version__, "git_commit": _git_commit(),
+            "torch_version": torch.__version__, "python": sys.version.split()[0],
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch_threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+        metrics_path.write_text("")
+
+    def log(entry: dict[str, Any]) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    def write_summary(status: str, message: str | None = None) -> dict[str, Any]:
+        rows = read_metrics(run_dir)
+        evals = [r for r in rows if r.get("val_loss") is not None]
+        rates = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+        summary = {
+            "status": status, "message": message, "run_id": run_dir.name, "steps_done": step,
+            "steps": steps, "tokens": tokens_seen,
+            "final_val_loss": evals[-1]["val_loss"] if evals else None,
+            "final_val_ppl": evals[-1]["val_ppl"] if evals else None,
+            "best_val_loss": min((r["val_loss"] for r in evals), default=None),
+            "tokens_per_s": sorted(rates)[len(rates) // 2] if rates else None,
+            "wall_s": rows[-1]["wall_s"] if rows else 0.0,
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+            "peak_memory_bytes": _peak_memory_bytes(device),
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
+
+    micro_bs = cfg.batch_size // cfg.grad_accum
+    step = start_step
+    if step == 0:
+        val_loss = evaluate(model, data, cfg.eval_batch_size, device, cfg.eval_mode)
+        log({"step": 0, "tokens": 0, "train_loss": None, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+             "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": None, "wall_s": 0.0,
+             "optimizer_state_bytes": optimizer_state_bytes(optimizer), "peak_memory_bytes": _peak_memory_bytes(device)})
+
+    bar = tqdm(total=steps, initial=start_step, disable=not cfg.progress, unit="step",
+               desc=f"{cfg.optimizer} lr={cfg.lr:g}", dynamic_ncols=True)
+    train_time = wall_offset
+    window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+    while step < steps:
+        t0 = time.perf_counter()
+        input_ids, labels = data.train_batch(step, cfg.batch_size)
+        step_loss = 0.0
+        for chunk_ids, chunk_labels in zip(input_ids.split(micro_bs), labels.split(micro_bs)):
+            loss = model(input_ids=chunk_ids.to(device), labels=chunk_labels.to(device)).loss
+            (loss / cfg.grad_accum).backward()
+            step_loss += loss.detach().float().item() / cfg.grad_accum
+        if not math.isfinite(step_loss):
+            bar.close()
+            message = f"training loss became {step_loss} at step {step + 1}; run stopped (lr {cfg.lr:g} is likely too high)"
+            log({"step": step + 1, "tokens": tokens_seen, "train_loss": step_loss, "val_loss": None, "val_ppl": None,
+                 "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": None, "wall_s": train_time,
+                 "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                 "peak_memory_bytes": _peak_memory_bytes(device)})
+            summary = write_summary("diverged", message)
+            tqdm.write(f"error: {message}", file=sys.stderr)
+            return RunResult(run_dir, summary)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        lr_now = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        step += 1
+        tokens_seen += cfg.tokens_per_step
+        dt = time.perf_counter() - t0
+        train_time += dt
+        window_loss, window_n, window_tokens, window_time = window_loss + step_loss, window_n + 1, window_tokens + cfg.tokens_per_step, window_time + dt
+        bar.update(1)
+
+        is_eval = step % cfg.eval_interval == 0 or step == steps
+        if step % cfg.log_interval == 0 or is_eval:
+            val_loss = evaluate(model, data, cfg.eval_batch_size, device, cfg.eval_mode) if is_eval else None
+            rate = window_tokens / window_time if window_time > 0 else None
+            log({"step": step, "tokens": tokens_seen, "train_loss": window_loss / window_n, "val_loss": val_loss,
+                 "val_ppl": math.exp(val_loss) if val_loss is not None else None, "lr": lr_now,
+                 "tokens_per_s": rate, "wall_s": train_time,
+                 "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                 "peak_memory_bytes": _peak_memory_bytes(device)})
+            bar.set_postfix(loss=f"{window_loss / window_n:.3f}", tok_s=f"{rate:,.0f}" if rate else "-")
+            window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == steps:
+            _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, tokens_seen, train_time)
+        if stop_after is not None and step >= stop_after and step < steps:
+            _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, tokens_seen, train_time)
+            bar.close()
+            return RunResult(run_dir, write_summary("interrupted"))
+    bar.close()
+    return RunResult(run_dir, write_summary("completed"))
+
+
+def _parse_hparam(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key.replace("-", "_"), json.loads(value)
+    except json.JSONDecodeError:
+        return key.replace("-", "_"), value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(prog="python -m multinorm.train",
+                                description="Pre-train a LLaMA model with a stateless or baseline optimizer; "
+                                            "writes results/runs/<run-id>/.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=d.model, help=f"model size: {', '.join(MODEL_CONFIGS)}")
+    p.add_argument("--dataset", default=d.dataset, help=f"corpus: {', '.join(DATASETS)}")
+    p.add_argument("--data-files", default=d.data_files, help="local text/json/parquet file(s) for --dataset local or c4")
+    p.add_argument("--vocab-size", type=int, default=d.vocab_size, help="BPE vocabulary trained on the corpus (c4 uses t5-base's 32000)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
+    p.add_argument("--optimizer", default=d.optimizer, help=f"one of: {', '.join(OPTIMIZERS)}")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (of the hidden matrices for mixed optimizers)")
+    p.add_argument("--hparam", action="append", type=_parse_hparam, default=[], metavar="KEY=VALUE",
+                   help="optimizer hyper-parameter, repeatable (e.g. --hparam iters=5 --hparam adam_lr=0.003)")
+    p.add_argument("--tokens", type=int, default=d.tokens, help="training token budget")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step (splits --batch-size)")
+    p.add_argument("--warmup-frac", type=float, default=d.warmup_frac, help="linear warm-up fraction of the steps")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="final lr as a fraction of the peak (cosine)")
+    p.add_argument("--eval-interval", type=int, default=d.eval_interval, help="steps between validation evaluations")
+    p.add_argument("--eval-tokens", type=int, default=d.eval_tokens, help="size of the fixed validation token set")
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="sequences per validation batch")
+    p.add_argument("--eval-mode", default=d.eval_mode, choices=["exact", "galore_compat"], help="validation loss averaging")
+    p.add_argument("--log-interval", type=int, default=d.log_interval, help="steps between metric lines")
+    p.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and data order")
+    p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
+    p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES], help="auto: fp32 on CPU, bf16 on CUDA (as in the papers)")
+    p.add_argument("--results-dir", default=d.results_dir, help="parent folder of run folders")
+    p.add_argument("--run-id", default=None, help="run folder name (default: model-dataset-optimizer-lr-seed)")
+    p.add_argument("--cache-dir", default=None, help="data cache folder (default: data/ or $MULTINORM_DATA)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = TrainConfig(
+        model=args.model, dataset=args.dataset, data_files=args.data_files, vocab_size=args.vocab_size,
+        seq_len=args.seq_len, optimizer=args.optimizer, lr=args.lr, hparams=dict(args.hparam),
+        tokens=args.tokens, batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_frac=args.warmup_frac,
+        min_lr_ratio=args.min_lr_ratio, eval_interval=args.eval_interval, eval_tokens=args.eval_tokens,
+        eval_batch_size=args.eval_batch_size, eval_mode=args.eval_mode, log_interval=args.log_interval,
+        checkpoint_interval=args.checkpoint_interval, seed=args.seed, device=args.device, dtype=args.dtype,
+        results_dir=args.results_dir, run_id=args.run_id, cache_dir=args.cache_dir, progress=not args.no_progress)
+    try:
+        result = train(cfg, resume=args.resume, if_exists="overwrite" if args.overwrite else "error")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    s = result.summary
+    if s["status"] != "completed":
+        print(f"error: {s['message']} (record kept in {result.run_dir})", file=sys.stderr)
+        return 1
+    print(f"done: {result.run_dir}  final val loss {s['final_val_loss']:.4f}  ppl {s['final_val_ppl']:.2f}  "
+          f"{s['tokens_per_s']:,.0f} tokens/s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The trainer: end-to-end learning, determinism, exact resume, run records and clear errors."""
+
+import json
+import math
+import os
+
+import pytest
+
+from multinorm.train import TrainConfig, lr_factor, main, read_metrics, train
+
+
+def tiny(tmp_path, **overrides):
+    """A few-second run of `nano` on wiki-sample (sequences of 64 tokens, batch 4)."""
+    settings = dict(model="nano", dataset="wiki-sample", vocab_size=4096, seq_len=64, batch_size=4,
+                    tokens=4 * 64 * 12, eval_interval=4, log_interval=2, eval_tokens=64 * 16, eval_batch_size=8,
+                    results_dir=str(tmp_path / "runs"), lr=3e-3, progress=False)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def losses(rows):
+    return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows]
+
+
+def test_schedule_warms_up_linearly_then_decays_to_ten_percent():
+    assert lr_factor(0, 100) == 0.0
+    assert lr_factor(5, 100) == pytest.approx(0.5)
+    assert lr_factor(10, 100) == pytest.approx(1.0)
+    assert lr_factor(100, 100) == pytest.approx(0.1)
+    values = [lr_factor(s, 100) for s in range(10, 101)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_nano_learns_wiki_sample(tmp_path):
+    """AdamW on nano: the validation loss falls well below the uniform-guess loss ln(V)."""
+    cfg = tiny(tmp_path, seq_len=128, batch_size=8, tokens=8 * 128 * 120, eval_interval=40, lr=3e-3,
+               eval_tokens=128 * 32)
+    result = train(cfg)
+    assert result.status == "completed"
+    rows = read_metrics(result.run_dir)
+    vals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
+    assert vals[0] > math.log(4096) - 0.5
+    assert vals[-1] < math.log(4096) - 2.0
+    assert all(a > b for a, b in zip(vals, vals[1:]))
+
+
+def test_run_record_holds_config_metrics_and_summary(tmp_path):
+    result = train(tiny(tmp_path, run_id="record"))
+    run_dir = result.run_dir
+    assert run_dir.name == "record"
+    record = json.loads((run_dir / "config.json").read_text())
+    assert record["config"]["optimizer"] == "adamw" and record["steps"] == 12
+    assert record["torch_version"] and "git_commit" in record
+    rows = read_metrics(run_dir)
+    assert [r["step"] for r in rows] == [0, 2, 4, 6, 8, 10, 12]
+    for key in ("tokens", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "wall_s",
+                "optimizer_state_bytes", "peak_memory_bytes"):
+        assert key in rows[-1]
+    assert rows[-1]["optimizer_state_bytes"] > 0  # AdamW keeps two moments
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["final_val_loss"] == rows[-1]["val_loss"]
+    assert (run_dir / "checkpoint.pt").exists()
+
+
+def test_two_runs_with_the_same_seed_are_identical(tmp_path):
+    a = read_metrics(train(tiny(tmp_path, run_id="a")).run_dir)
+    b = read_metrics(train(tiny(tmp_path, run_id="b")).run_dir)
+    c = read_metrics(train(tiny(tmp_path, run_id="c", seed=1)).run_dir)
+    assert losses(a) == losses(b)
+    assert losses(a) != losses(c)
+
+
+def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
+    full = read_metrics(train(tiny(tmp_path, run_id="full")).run_dir)
+    cfg = tiny(tmp_path, run_id="cut", checkpoint_interval=2)
+    assert train(cfg, stop_after=6).status == "interrupted"
+    resumed = train(cfg, resume=True)
+    assert resumed.status == "completed"
+    assert losses(read_metrics(resumed.run_dir)) == losses(full)
+
+
+def test_reuse_returns_a_finished_run_without_training(tmp_path):
+    cfg = tiny(tmp_path, run_id="same")
+    first = train(cfg)
+    mtime = os.path.getmtime(first.run_dir / "metrics.jsonl")
+    again = train(cfg, if_exists="reuse")
+    assert again.summary == first.summary
+    assert os.path.getmtime(first.run_dir / "metrics.jsonl") == mtime
+
+
+def test_divergence_stops_the_run_and_keeps_the_record(tmp_path, capsys):
+    result = train(tiny(tmp_path, optimizer="sgd", lr=1e12, warmup_frac=0.0, run_id="boom"))
+    assert result.status == "diverged"
+    assert "lr" in result.summary["message"]
+    rows = read_metrics(result.run_dir)
+    assert rows[0]["step"] == 0 and not math.isfinite(rows[-1]["train_loss"])
+    assert json.loads((result.run_dir / "summary.json").read_text())["status"] == "diverged"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "huge"], "valid models: nano"),
+    (["--optimizer", "adamax"], "valid optimizers: adamw"),
+    (["--dataset", "imagenet"], "valid datasets: wiki-sample"),
+    (["--seq-len", "4096"], "outside 1..1024"),
+    (["--tokens", "100"], "smaller than one step"),
+    (["--lr", "0"], "lr must be a positive number"),
+    (["--lr", "-1e-3"], "lr must be a positive number"),
+    (["--results-dir", "/proc/forbidden"], "not writable"),
+])
+def test_cli_rejects_bad_input_with_one_line(args, message, capsys):
+    assert main(["--no-progress", *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_cli_rejects_a_corrupt_checkpoint(tmp_path, capsys):
+    result = train(tiny(tmp_path, run_id="corrupt"))
+    (result.run_dir / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    code = main(["--no-progress", "--results-dir", str(tmp_path / "runs"), "--run-id", "corrupt", "--resume",
+                 "--seq-len", "64", "--batch-size", "4", "--tokens", str(4 * 64 * 12)])
+    assert code == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_cli_refuses_to_overwrite_a_run_silently(tmp_path, capsys):
+    cfg = tiny(tmp_path, run_id="taken")
+    train(cfg)
+    args = ["--no-progress", "--results-dir", cfg.results_dir, "--run-id", "taken", "--seq-len", "64",
+            "--batch-size", "4", "--tokens", str(4 * 64 * 4), "--eval-tokens", "1024"]
+    assert main(args) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_cli_help_lists_kebab_case_flags(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for flag in ("--model", "--optimizer", "--tokens", "--grad-accum", "--eval-interval", "--resume", "--hparam"):
+        assert flag in out
