@@ -22,11 +22,12 @@ that ``||P_g(X)||_F = sqrt(mn)`` (entry RMS 1). MultiNorm (Algorithm 1 of the Gr
 paper, arXiv 2502.06742) applies a sequence of them ``L`` times; SWAN (arXiv 2412.13148) is the instance
 (gradnorm, spectral) with ``L = 1`` and SinkGD the instance (row, col) with ``L = 5``.
 
-Numerics. All operators are invariant to a positive global scale of ``G``, so each one first divides the
-matrix by its largest absolute entry: squares then cannot overflow (gradients from 1e-30 to 1e30 give the
-same direction) and ``eps`` is *relative to the max-abs entry*. Norms are clamped below at ``eps`` (squared
-norms at ``eps**2``), so zero rows/columns stay zero and an all-zero gradient maps to a zero update.
-Non-finite inputs give non-finite outputs.
+Numerics. All operators are invariant to a positive global scale of ``G``, so each one first rescales the
+matrix to unit entry RMS (dividing by its largest absolute entry first, so squares cannot overflow or
+underflow: gradients from 1e-30 to 1e30 give the same direction). ``eps`` therefore acts on norms of a
+unit-RMS matrix, whose rows have norm ~sqrt(n). Norms are clamped below at ``eps`` (squared norms at
+``eps**2``), so zero rows/columns stay zero and an all-zero gradient maps to a zero update. Non-finite
+inputs give non-finite outputs.
 """
 
 from __future__ import annotations
@@ -82,13 +83,25 @@ def _check(G: Tensor, fn: str) -> None:
 
 def _max_abs(G: Tensor) -> Tensor:
     """Largest |entry| per matrix, shape (..., 1, 1), in the compute dtype; 1 for an all-zero matrix."""
-    s = torch.linalg.vector_norm(G, ord=math.inf, dim=(-2, -1), keepdim=True, dtype=_compute_dtype(G.dtype))
+    # amax/amin are vectorised reductions; vector_norm(ord=inf) is several times slower on CPU
+    s = torch.maximum(G.amax(dim=(-2, -1), keepdim=True), G.amin(dim=(-2, -1), keepdim=True).neg())
+    s = s.to(_compute_dtype(G.dtype))
     return torch.where(s > 0, s, torch.ones_like(s))
 
 
 def _prescaled(G: Tensor) -> Tensor:
     """G / max|G| in the compute dtype (a new tensor; G is never modified)."""
     return torch.div(G, _max_abs(G))
+
+
+def _unit_rms(G: Tensor) -> Tensor:
+    """G rescaled to entry RMS 1 (||X||_F = sqrt(mn)) in the compute dtype; zero stays zero.
+
+    Dividing by max|G| first keeps the squares inside the float range for any gradient scale.
+    """
+    X = _prescaled(G)
+    rms = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) / math.sqrt(G.shape[-2] * G.shape[-1])
+    return X.div_(torch.where(rms > 0, rms, torch.ones_like(rms)))
 
 
 def _eye_like(A: Tensor) -> Tensor:
@@ -102,11 +115,11 @@ def _eye_like(A: Tensor) -> Tensor:
 def row_normalize(G: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     r"""Row normalisation ``sqrt(n) Q(G)^{-1} G``: each output unit (row) gets l2 norm ``sqrt(n)``.
 
-    Steepest direction of ``g_row(W) = max_i ||W_i,:||_2 / sqrt(n)``. Row norms below ``eps`` (relative to
-    max|G|) are clamped, so zero rows stay zero. Cost: ~3 mn flops, one m x n buffer.
+    Steepest direction of ``g_row(W) = max_i ||W_i,:||_2 / sqrt(n)``. Row norms below ``eps`` (G taken at
+    unit entry RMS) are clamped, so zero rows stay zero. Cost: ~5 mn flops, one m x n buffer.
     """
     _check(G, "row_normalize")
-    X = _prescaled(G)
+    X = _unit_rms(G)
     norms = torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min_(eps)
     return X.mul_(math.sqrt(G.shape[-1]) / norms).to(G.dtype)
 
@@ -114,20 +127,18 @@ def row_normalize(G: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
 def col_normalize(G: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
     r"""Column normalisation ``sqrt(m) G R(G)^{-1}``: each input feature (column) gets l2 norm ``sqrt(m)``.
 
-    Steepest direction of ``g_col(W) = max_j ||W_:,j||_2 / sqrt(m)``. Cost: ~3 mn flops, one m x n buffer.
+    Steepest direction of ``g_col(W) = max_j ||W_:,j||_2 / sqrt(m)``. Cost: ~5 mn flops, one m x n buffer.
     """
     _check(G, "col_normalize")
-    X = _prescaled(G)
+    X = _unit_rms(G)
     norms = torch.linalg.vector_norm(X, dim=-2, keepdim=True).clamp_min_(eps)
     return X.mul_(math.sqrt(G.shape[-2]) / norms).to(G.dtype)
 
 
-def frobenius_normalize(G: Tensor, eps: float = DEFAULT_EPS) -> Tensor:
-    r"""``sqrt(mn) G / ||G||_F`` (entry RMS 1). Cost: ~3 mn flops."""
+def frobenius_normalize(G: Tensor) -> Tensor:
+    r"""``sqrt(mn) G / ||G||_F`` (entry RMS 1; zero stays zero). Cost: ~4 mn flops."""
     _check(G, "frobenius_normalize")
-    X = _prescaled(G)
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).clamp_min_(eps)
-    return X.mul_(math.sqrt(G.shape[-2] * G.shape[-1]) / norm).to(G.dtype)
+    return _unit_rms(G).to(G.dtype)
 
 
 def sign_normalize(G: Tensor) -> Tensor:
@@ -144,10 +155,11 @@ def gradnorm(G: Tensor, center: bool = True, eps: float = DEFAULT_EPS) -> Tensor
 
     The std is the population one (1/n). Each row then has mean 0 and norm sqrt(n), so
     ``||GradNorm(G)||_F = sqrt(mn)``. With ``center=False`` the mean is not removed and ``s`` is the row RMS,
-    which is ``row_normalize`` up to where eps enters. Cost: ~5 mn flops, one m x n buffer.
+    which is ``row_normalize`` up to where eps enters (G is taken at unit entry RMS, so eps is relative).
+    Cost: ~7 mn flops, one m x n buffer.
     """
     _check(G, "gradnorm")
-    X = _prescaled(G)
+    X = _unit_rms(G)
     if center:
         X.sub_(X.mean(dim=-1, keepdim=True))
     std = X.square().mean(dim=-1, keepdim=True).sqrt_()
@@ -248,7 +260,8 @@ def whiten_nsds(G: Tensor, steps: int = 2, beta: float = 0.4, diagonal_z: bool =
     Two readings exist; ``diagonal_z=False`` keeps the full Z of the last step for the output ``Z G``
     (cost ``4 m^2 n + O(steps m^2)``), ``diagonal_z=True`` keeps Z diagonal throughout, so the output is a
     row scaling ``Diag(z) G`` and only ``diag(G G^T)`` and ``||G G^T||_F`` are needed (cost ``2 m^2 n``).
-    Defaults: 2 steps, beta 0.4. After GradNorm the result is close to GradNorm plus a first-order decorrelation, not U V^T.
+    Defaults: 2 steps, beta 0.4. After GradNorm the result is close to GradNorm plus a first-order
+    decorrelation, not U V^T.
     """
     _check(G, "whiten_nsds")
     if steps < 0:
@@ -321,24 +334,39 @@ def _sinkhorn_factors(G: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor
     """Row and column factors r (..., m), c (..., n) with SR-Sinkhorn(G) = Diag(r) G Diag(c), plus the
     m x n compute-dtype work buffer (free for reuse by the caller)."""
     m, n = G.shape[-2:]
-    s = _max_abs(G)
-    A = torch.div(G, s).square_()  # (G / max|G|)^2: the only m x n buffer
-    dtype = A.dtype
-    u = torch.ones(A.shape[:-1], dtype=dtype, device=A.device)
-    v = torch.ones(A.shape[:-2] + (n,), dtype=dtype, device=A.device)
+    cdt = _compute_dtype(G.dtype)
+    # A = (qG)^2 with q = 1 when the squares fit the float range comfortably (the usual case: one pass),
+    # otherwise q = 1/max|G|. k rescales A to mean 1, i.e. G to unit entry RMS, the scale at which the
+    # literal form applies eps; it multiplies the mat-vec results instead of the matrix.
+    q = torch.ones(G.shape[:-2] + (1, 1), dtype=cdt, device=G.device)
+    A = torch.square(G) if G.dtype == cdt else G.to(cdt).square_()
+    row_sums = A.sum(dim=-1)
+    total = row_sums.sum(dim=-1, keepdim=True)
+    lo = torch.finfo(cdt).tiny / torch.finfo(cdt).eps  # keeps the smallest relevant squares normal
+    if not bool(torch.all(torch.isfinite(total) & (total >= lo * m * n))):
+        q = 1.0 / _max_abs(G)
+        A = torch.mul(G, q, out=A if G.dtype == cdt else None).square_()
+        row_sums = A.sum(dim=-1)
+        total = row_sums.sum(dim=-1, keepdim=True)
+    k = torch.where(total > 0, (m * n) / total, torch.ones_like(total))  # shape (..., 1)
+
+    u = torch.ones_like(row_sums)
+    v = torch.ones(A.shape[:-2] + (n,), dtype=cdt, device=A.device)
     eps2 = eps * eps
-    big = torch.finfo(dtype).max
-    for _ in range(iters):
-        # Row step of the literal form: a row of X = Diag(sqrt u) G Diag(sqrt v) has squared norm u * (A v),
-        # and is multiplied by sqrt(n / max(u * A v, eps^2)); so u <- n / max(A v, eps^2 / u). Exactly-zero
-        # rows keep their factor (they stay zero either way, and n / 0 would overflow).
-        Av = _mv(A, v)
+    big = torch.finfo(cdt).max
+    for it in range(iters):
+        # Row step of the literal form: a row of X = Diag(sqrt u) G Diag(sqrt v) has squared norm
+        # u * (kA v) and is multiplied by sqrt(n / max(u * kA v, eps^2)), so u <- n / max(kA v, eps^2 / u).
+        # Exactly-zero rows keep their factor: they stay zero either way, and n / 0 would overflow.
+        Av = (row_sums if it == 0 else _mv(A, v)).mul_(k)
         u = torch.where(Av > 0, n / torch.maximum(Av, eps2 / u), u).clamp_(max=big)
-        Atu = _mtv(A, u)
+        Atu = _mtv(A, u).mul_(k)
         v = torch.where(Atu > 0, m / torch.maximum(Atu, eps2 / v), v).clamp_(max=big)
-    # split 1/max|G| evenly between both sides so that neither factor overflows for tiny gradients
-    root_s = s.sqrt().squeeze(-1)
-    return u.sqrt_().div_(root_s), v.sqrt_().div_(root_s), A
+    # X = Diag(sqrt(k u)) (qG) Diag(sqrt v); q is split evenly so neither factor overflows for tiny G
+    root_q = q.sqrt().squeeze(-1)
+    r = u.mul_(k).sqrt_().mul_(root_q)
+    c = v.sqrt_().mul_(root_q)
+    return r, c, A
 
 
 def sr_sinkhorn_scalings(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor]:
@@ -388,11 +416,11 @@ def sr_sinkhorn(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS, method: str
 
 def sr_sinkhorn_naive(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS) -> Tensor:
     r"""The literal alternating SR-Sinkhorn (reference and benchmark baseline for ``sr_sinkhorn``):
-    ``iters`` times row_normalize then col_normalize, on G / max|G|. Cost ~6L mn flops, 2L temporaries."""
+    ``iters`` times row_normalize then col_normalize, on G at unit entry RMS. Cost ~6L mn flops, 2L temporaries."""
     _check(G, "sr_sinkhorn_naive")
     _check_iters(iters, "sr_sinkhorn_naive")
     m, n = G.shape[-2:]
-    X = _prescaled(G)
+    X = _unit_rms(G)
     for _ in range(iters):
         X = X * (math.sqrt(n) / torch.linalg.vector_norm(X, dim=-1, keepdim=True).clamp_min(eps))
         X = X * (math.sqrt(m) / torch.linalg.vector_norm(X, dim=-2, keepdim=True).clamp_min(eps))

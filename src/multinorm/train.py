@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 
 from multinorm import __version__
 from multinorm.data import DATASETS, load_data
-from multinorm.llama import MODEL_CONFIGS, build_model, count_parameters, llama_config
+from multinorm.llama import MODEL_CONFIGS, build_model, count_parameters, split_parameters
 from multinorm.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
 
-__all__ = ["TrainConfig", "RunResult", "train", "lr_factor", "main"]
+__all__ = ["TrainConfig", "RunResult", "train", "lr_factor", "evaluate", "capture_gradients", "read_metrics", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -382,6 +382,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", s
             return RunResult(run_dir, write_summary("interrupted"))
     bar.close()
     return RunResult(run_dir, write_summary("completed"))
+
+
+def capture_gradients(cfg: TrainConfig, checkpoint: str | Path | None = None, step: int = 0) -> dict[str, torch.Tensor]:
+    """Gradients of the hidden matrices on training batch `step`, for the model of `cfg`.
+
+    The model is freshly initialised from `cfg.seed`, or loaded from `checkpoint` (a run's
+    `checkpoint.pt`). Returns {parameter name: gradient} in float32 on the CPU.
+    """
+    cfg.validate()
+    device = torch.device(cfg.device)
+    data = load_data(cfg.dataset, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=cfg.seed,
+                     data_files=cfg.data_files, cache_dir=cfg.cache_dir, val_tokens=cfg.eval_tokens)
+    model = build_model(cfg.model, data.vocab_size, seed=cfg.seed, device=device, dtype=DTYPES[cfg.resolved_dtype()])
+    if checkpoint is not None:
+        model.load_state_dict(_load_checkpoint(Path(checkpoint))["model"])
+    input_ids, labels = data.train_batch(step, cfg.batch_size)
+    model(input_ids=input_ids.to(device), labels=labels.to(device)).loss.backward()
+    hidden, _ = split_parameters(model)
+    return {name: p.grad.detach().float().cpu() for name, p in hidden}
 
 
 def _parse_hparam(text: str) -> tuple[str, Any]:

@@ -1,0 +1,84 @@
+"""Analytic memory of a method at a model size: weights plus optimizer states (benchmark.md §6.4a).
+
+The papers' table convention counts weights and optimizer states in BF16 (2 bytes each) and leaves
+out gradients and activations:
+
+    memory = bytes_per_value · (P_total + S),   S = state elements of the method
+
+State elements per hidden matrix W ∈ ℝ^{m×n} (r = projection rank):
+
+    AdamW             2mn                      (first and second moments)
+    SGD               0                        (mn with momentum)
+    SinkGD, SWAN, MNGD 0                       (stateless: the update is a function of the gradient)
+    Muon              mn                       (momentum buffer)
+    GaLore, Fira      min(m,n)·r + 2·r·max(m,n) (projector + moments in the rank-r subspace)
+    APOLLO(-Mini)     2·r·max(m,n)             (moments in a random subspace re-drawn from a seed)
+
+Embeddings, LM head and norms take AdamW (2 state elements each) in every method of the papers'
+recipe except plain SGD and "fully stateless" (SWAN-0, hypothesis A of algorithms.md §6.7).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from multinorm.llama import MODEL_CONFIGS, build_model, split_parameters
+
+__all__ = ["METHODS", "DEFAULT_RANKS", "hidden_shapes", "state_elements", "analytic_memory"]
+
+# Projection ranks of the benchmark scripts (benchmark.md §5); APOLLO-Mini is rank 1 at every size.
+DEFAULT_RANKS = {
+    "galore": {"60m": 128, "130m": 256, "350m": 256, "1b": 512},
+    "fira": {"60m": 128, "130m": 256, "350m": 256, "1b": 512},
+    "apollo": {"60m": 128, "130m": 192, "350m": 256, "1b": 256},
+    "apollo-mini": {size: 1 for size in ("60m", "130m", "350m", "1b")},
+}
+
+METHODS = ("adamw", "sgd", "sinkgd", "swan", "swan-0", "muon", "galore", "fira", "apollo", "apollo-mini")
+
+
+@lru_cache(maxsize=None)
+def hidden_shapes(model: str, vocab_size: int | None = None) -> tuple[tuple[tuple[int, int], ...], int]:
+    """Shapes of the hidden matrices and the element count of everything else (meta device, no memory)."""
+    if vocab_size is None and MODEL_CONFIGS[model].vocab_size is None:
+        vocab_size = 4096
+    hidden, rest = split_parameters(build_model(model, vocab_size, device="meta"))
+    return tuple(tuple(p.shape) for _, p in hidden), sum(p.numel() for _, p in rest)
+
+
+def _matrix_state(method: str, m: int, n: int, rank: int | None) -> int:
+    if method == "adamw":
+        return 2 * m * n
+    if method in ("sgd", "sinkgd", "swan", "swan-0", "swan-nsds", "mngd"):
+        return 0
+    if method == "muon":
+        return m * n
+    r = min(rank, m, n)
+    if method in ("galore", "fira"):
+        return min(m, n) * r + 2 * r * max(m, n)
+    if method in ("apollo", "apollo-mini"):
+        return 2 * r * max(m, n)
+    raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+
+
+def state_elements(model: str, method: str, rank: int | None = None, vocab_size: int | None = None) -> dict[str, int]:
+    """Optimizer-state element counts of `method` on `model`: hidden matrices, the rest, and the total."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    if rank is None and method in DEFAULT_RANKS:
+        rank = DEFAULT_RANKS[method].get(model, 128)
+    shapes, n_rest = hidden_shapes(model, vocab_size)
+    hidden = sum(_matrix_state(method, m, n, rank) for m, n in shapes)
+    rest = 0 if method in ("sgd", "swan-0") else 2 * n_rest
+    return {"hidden": hidden, "rest": rest, "total": hidden + rest}
+
+
+def analytic_memory(model: str, method: str, rank: int | None = None, bytes_per_value: int = 2,
+                    vocab_size: int | None = None) -> dict[str, float]:
+    """Weights + optimizer states in bytes (the papers' convention: BF16, no gradients or activations)."""
+    shapes, n_rest = hidden_shapes(model, vocab_size)
+    n_weights = sum(m * n for m, n in shapes) + n_rest
+    states = state_elements(model, method, rank, vocab_size)["total"]
+    total = bytes_per_value * (n_weights + states)
+    return {"model": model, "method": method, "parameters": n_weights, "state_elements": states,
+            "bytes": total, "GB": total / 1e9, "GiB": total / 2**30}

@@ -1,0 +1,25 @@
+"""Stateless multi-normalized optimizers (SinkGD, SWAN, MNGD), the optimizer registry and builder.
+
+``build_optimizer(model, name, lr, **hparams)`` returns one optimizer over a LLaMA's trainable parameters
+(the named method on the hidden matrices, AdamW on the rest); ``OPTIMIZERS`` lists the names.
+"""
+
+from .base import StatelessMatrixOptimizer
+from .build import OPTIMIZERS, OptimizerSpec, build_optimizer
+from .combined import CombinedOptimizer, optimizer_state_bytes
+from .mngd import MNGD
+from .sinkgd import SinkGD
+from .swan import SWAN, swan_direction
+
+__all__ = [
+    "SinkGD",
+    "SWAN",
+    "MNGD",
+    "StatelessMatrixOptimizer",
+    "swan_direction",
+    "CombinedOptimizer",
+    "optimizer_state_bytes",
+    "OptimizerSpec",
+    "OPTIMIZERS",
+    "build_optimizer",
+]

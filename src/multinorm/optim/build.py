@@ -1,0 +1,190 @@
+"""The optimizer registry and ``build_optimizer``: one optimizer over all trainable parameters.
+
+Routing follows both papers and the GaLore benchmark they use: the attention and MLP projection
+matrices of every block ("hidden", :func:`multinorm.llama.split_parameters`) get the named method, while
+embeddings, LM head and norm gains ("rest") get AdamW. ``adamw`` and ``sgd`` use one rule for both. The
+result is a :class:`CombinedOptimizer` whose groups carry a ``"name"`` key ("hidden" / "rest").
+
+Hyperparameters common to the methods that pair with AdamW: ``adam_lr`` (default: ``lr``), ``adam_betas``
+((0.9, 0.999)), ``adam_eps`` (1e-8; 1e-6 for galore/apollo/fira, their packages' default, which their
+benchmark scripts use), ``weight_decay`` (0.0, decoupled, applied to both groups). ``scale`` multiplies the
+hidden group's update: the stateless methods and Muon run that group at ``scale * lr`` (the papers' "lr
+0.02, alpha 0.05" is ``lr=0.02, scale=0.05``), GaLore/APOLLO/Fira pass it as their own scale/alpha.
+Baselines (Muon, GaLore, APOLLO, Fira) come from torch and their packages; they are not re-implemented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from ..llama import split_parameters
+from .combined import CombinedOptimizer
+from .mngd import MNGD
+from .sinkgd import SinkGD
+from .swan import SWAN
+
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "build_optimizer"]
+
+Params = list[nn.Parameter]
+Builder = Callable[[Params, Params, float, dict], list[Optimizer]]
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A registry entry: a one-line description, the hparams it accepts with their defaults, and the
+    builder ``(hidden, rest, lr, hparams) -> [child optimizers]``."""
+
+    description: str
+    builder: Builder
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+
+_ADAM = {"adam_lr": None, "adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "weight_decay": 0.0}
+_ADAM_PKG = {**_ADAM, "adam_eps": 1e-6}
+
+
+def _rest_group(rest: Params, lr: float, hp: dict) -> dict:
+    return {"params": rest, "name": "rest", "lr": lr if hp["adam_lr"] is None else hp["adam_lr"]}
+
+
+def _adamw_rest(rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+    if not rest:
+        return []
+    return [torch.optim.AdamW([_rest_group(rest, lr, hp)], betas=tuple(hp["adam_betas"]), eps=hp["adam_eps"],
+                              weight_decay=hp["weight_decay"])]
+
+
+def _adamw(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+    groups = [{"params": hidden, "name": "hidden", "lr": lr}] + ([_rest_group(rest, lr, hp)] if rest else [])
+    return [torch.optim.AdamW(groups, betas=tuple(hp["adam_betas"]), eps=hp["adam_eps"],
+                              weight_decay=hp["weight_decay"])]
+
+
+def _sgd(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+    groups = [{"params": hidden, "name": "hidden"}] + ([{"params": rest, "name": "rest"}] if rest else [])
+    return [torch.optim.SGD(groups, lr=lr, momentum=hp["momentum"], nesterov=hp["nesterov"],
+                            weight_decay=hp["weight_decay"])]
+
+
+def _stateless(cls: type, keys: tuple[str, ...], fixed: Mapping[str, Any] | None = None) -> Builder:
+    def build(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+        kwargs = {k: hp[k] for k in keys} | dict(fixed or {})
+        opt = cls([{"params": hidden, "name": "hidden"}], lr=hp["scale"] * lr, weight_decay=hp["weight_decay"],
+                  **kwargs)
+        return [opt] + _adamw_rest(rest, lr, hp)
+    return build
+
+
+def _muon(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+    opt = torch.optim.Muon([{"params": hidden, "name": "hidden"}], lr=hp["scale"] * lr,
+                           weight_decay=hp["weight_decay"], momentum=hp["momentum"], nesterov=hp["nesterov"],
+                           ns_steps=hp["ns_steps"], adjust_lr_fn=hp["adjust_lr_fn"])
+    return [opt] + _adamw_rest(rest, lr, hp)
+
+
+def _galore(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+    from galore_torch import GaLoreAdamW
+
+    groups = [{"params": hidden, "name": "hidden", "lr": lr, "rank": hp["rank"],
+               "update_proj_gap": hp["update_proj_gap"], "scale": hp["scale"], "proj_type": hp["proj_type"]}]
+    groups += [_rest_group(rest, lr, hp)] if rest else []
+    return [GaLoreAdamW(groups, lr=lr, betas=tuple(hp["adam_betas"]), eps=hp["adam_eps"],
+                        weight_decay=hp["weight_decay"], no_deprecation_warning=True)]
+
+
+def _apollo(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+    from apollo_torch import APOLLOAdamW
+
+    groups = [{"params": hidden, "name": "hidden", "lr": lr, "rank": hp["rank"], "proj": hp["proj"],
+               "scale_type": hp["scale_type"], "update_proj_gap": hp["update_proj_gap"], "scale": hp["scale"],
+               "proj_type": hp["proj_type"]}]
+    groups += [_rest_group(rest, lr, hp)] if rest else []
+    return [APOLLOAdamW(groups, lr=lr, betas=tuple(hp["adam_betas"]), eps=hp["adam_eps"],
+                        weight_decay=hp["weight_decay"], scale_front=hp["scale_front"], disable_nl=hp["disable_nl"])]
+
+
+def _fira(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+    from fira import FiraAdamW
+
+    groups = [{"params": hidden, "name": "hidden", "lr": lr, "rank": hp["rank"],
+               "update_proj_gap": hp["update_proj_gap"], "alpha": hp["scale"], "proj_type": hp["proj_type"]}]
+    groups += [_rest_group(rest, lr, hp)] if rest else []
+    return [FiraAdamW(groups, lr=lr, betas=tuple(hp["adam_betas"]), eps=hp["adam_eps"],
+                      weight_decay=hp["weight_decay"], no_deprecation_warning=True)]
+
+
+_SWAN_KEYS = ("ns_steps", "beta", "center", "rescale", "gradnorm_axis", "gradnorm", "whiten", "eps")
+_SWAN_COMMON = {"center": True, "rescale": True, "gradnorm_axis": "input", "gradnorm": True, "whiten": True,
+                "eps": 1e-8, "scale": 1.0}
+_APOLLO_COMMON = {"update_proj_gap": 200, "proj": "random", "proj_type": "std", "scale_front": False,
+                  "disable_nl": False, **_ADAM_PKG}
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    "adamw": OptimizerSpec(
+        "torch AdamW on every parameter", _adamw, dict(_ADAM)),
+    "sgd": OptimizerSpec(
+        "torch SGD on every parameter", _sgd, {"momentum": 0.0, "nesterov": False, "weight_decay": 0.0}),
+    "sinkgd": OptimizerSpec(
+        "SinkGD (SR-Sinkhorn, stateless) on hidden matrices + AdamW",
+        _stateless(SinkGD, ("iters", "eps")), {"iters": 5, "eps": 1e-8, "scale": 1.0, **_ADAM}),
+    "swan": OptimizerSpec(
+        "SWAN (GradNorm + Newton-Schulz whitening, stateless) on hidden matrices + AdamW",
+        _stateless(SWAN, _SWAN_KEYS + ("whitening",), {"variant": "full"}),
+        {"ns_steps": 10, "beta": 0.8, "whitening": "newton-schulz", **_SWAN_COMMON, **_ADAM}),
+    "swan-nsds": OptimizerSpec(
+        "SWAN with NSDS whitening (stateless) on hidden matrices + AdamW",
+        _stateless(SWAN, _SWAN_KEYS + ("diagonal_z",), {"variant": "nsds"}),
+        {"ns_steps": 2, "beta": 0.4, "diagonal_z": False, **_SWAN_COMMON, **_ADAM}),
+    "mngd": OptimizerSpec(
+        "multi-normalized GD (any norms, stateless) on hidden matrices + AdamW",
+        _stateless(MNGD, ("norms", "iters")), {"norms": ("row", "col"), "iters": 5, "scale": 1.0, **_ADAM}),
+    "muon": OptimizerSpec(
+        "torch.optim.Muon on hidden matrices + AdamW", _muon,
+        {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr_fn": None, "scale": 1.0, **_ADAM}),
+    "galore": OptimizerSpec(
+        "GaLore AdamW (galore-torch) with low-rank projection of hidden matrices", _galore,
+        {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", **_ADAM_PKG}),
+    "apollo": OptimizerSpec(
+        "APOLLO (apollo-torch): channel-wise scaling, random projection", _apollo,
+        {"rank": 128, "scale": 1.0, "scale_type": "channel", **_APOLLO_COMMON}),
+    "apollo-mini": OptimizerSpec(
+        "APOLLO-Mini (apollo-torch): rank 1, tensor-wise scaling, scale 128", _apollo,
+        {"rank": 1, "scale": 128.0, "scale_type": "tensor", **_APOLLO_COMMON}),
+    "fira": OptimizerSpec(
+        "Fira AdamW (fira): low-rank Adam plus norm-scaled residual, norm-growth limiter", _fira,
+        {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", **_ADAM_PKG}),
+}
+
+def build_optimizer(model: nn.Module, name: str, lr: float, **hparams: Any) -> CombinedOptimizer:
+    """One optimizer over all trainable parameters of a LLaMA ``model``: ``name`` on the hidden matrices,
+    AdamW on embeddings/head/norms (see the module docstring). Unknown names or hparams raise ValueError
+    listing the valid ones. Every trainable parameter lands in exactly one group (checked)."""
+    if name not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
+    spec = OPTIMIZERS[name]
+    unknown = sorted(set(hparams) - set(spec.defaults))
+    if unknown:
+        raise ValueError(
+            f"unknown hyperparameter(s) {', '.join(unknown)} for optimizer {name!r}; "
+            f"valid: {', '.join(sorted(spec.defaults)) or '(none)'}"
+        )
+    if not lr >= 0.0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    hp = {**spec.defaults, **hparams}
+    hidden, rest = split_parameters(model)
+    optimizer = CombinedOptimizer(spec.builder([p for _, p in hidden], [p for _, p in rest], lr, hp))
+    _check_coverage(model, optimizer)
+    return optimizer
+
+
+def _check_coverage(model: nn.Module, optimizer: Optimizer) -> None:
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    if len(grouped) != len(set(grouped)) or set(grouped) != trainable:
+        raise RuntimeError("optimizer groups do not cover every trainable parameter exactly once")

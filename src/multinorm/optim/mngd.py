@@ -1,0 +1,58 @@
+"""MNGD: gradient descent along a multi-normalised gradient (any sequence of normalisations)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor
+
+from ..normalize import NORMALIZERS, multi_normalize
+from .base import StatelessMatrixOptimizer
+
+__all__ = ["MNGD"]
+
+
+class MNGD(StatelessMatrixOptimizer):
+    r"""Implements Multi-Normalized Gradient Descent (Algorithm 2 of Scetbon, Ma, Gong, Meeds, "Gradient
+    Multi-Normalization for Stateless and Scalable LLM Training", arXiv 2502.06742).
+
+    .. math::
+        \begin{aligned}
+            &\textbf{input}: \gamma \text{ (lr)},\ \lambda \text{ (weight decay)},\ L \text{ (iters)},\
+                P_{g_1}, \ldots, P_{g_K} \text{ (norms)} \\
+            &\textbf{for}\ t = 1, 2, \ldots: \\
+            &\quad X \leftarrow \nabla_W f_t(W_{t-1}) \\
+            &\quad \textbf{repeat}\ L\ \textbf{times}:\ \textbf{for}\ i = 1..K:\ X \leftarrow P_{g_i}(X) \\
+            &\quad W_t \leftarrow W_{t-1}(1 - \gamma\lambda) - \gamma X
+        \end{aligned}
+
+    ``P_g(X) = argmax_{g(Z) <= 1} <X, Z>`` is the steepest direction of norm g, scaled to
+    ``||P_g(X)||_F = sqrt(mn)``. Norm names: "row", "col", "spectral" (exact SVD), "frobenius", "sign",
+    "gradnorm" (see :mod:`multinorm.normalize`), or callables on an (m, n) tensor. ("row", "col") with
+    L = 5 is SinkGD (which uses a faster equivalent), ("gradnorm", "spectral") with L = 1 is SWAN with
+    exact whitening. Cost: ``L * sum_i cost(P_{g_i})`` per matrix; no state.
+
+    Args:
+        params: matrices to optimize (or parameter-group dicts).
+        lr: learning rate (default 1e-3).
+        norms: the sequence of normalisations (default ("row", "col")).
+        iters: number L of passes over ``norms`` (default 5).
+        weight_decay: decoupled weight decay (default 0).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, norms: Sequence = ("row", "col"), iters: int = 5,
+                 weight_decay: float = 0.0):
+        if isinstance(norms, str):
+            norms = (norms,)
+        norms = tuple(norms)
+        if not norms:
+            raise ValueError("MNGD: norms is empty")
+        for norm in norms:
+            if not callable(norm) and norm not in NORMALIZERS:
+                raise ValueError(f"MNGD: unknown norm {norm!r}; valid names: {', '.join(NORMALIZERS)} (or a callable)")
+        if not isinstance(iters, int) or iters < 1:
+            raise ValueError(f"MNGD: iters must be an int >= 1, got {iters!r}")
+        super().__init__(params, dict(lr=lr, norms=norms, iters=iters, weight_decay=weight_decay))
+
+    def direction(self, grad: Tensor, group: dict) -> Tensor:
+        return multi_normalize(grad, group["norms"], group["iters"])

@@ -1,0 +1,160 @@
+"""Run the study notebooks with papermill: `make figures` (SCALE=default|quick) and `make smoke`.
+
+    python -m multinorm.studies figures --scale default   # results/, figures/, README tables
+    python -m multinorm.studies figures --scale quick     # the same notebooks, smaller budgets
+    python -m multinorm.studies smoke                     # tiny parameters, into a temporary folder
+    python -m multinorm.studies figures --only 02_convergence --set device=cuda --set dataset=c4
+
+Each notebook's `parameters` cell holds its default-scale values; a scale only overrides some of
+them. Executed copies go to `results/notebooks/`, and the wall time of each notebook to
+`results/notebooks/timing.csv`, from which README states how long `make figures` takes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["NOTEBOOKS", "SCALES", "run_notebook", "run_all", "main"]
+
+REPO = Path(__file__).resolve().parents[2]
+NOTEBOOKS = ("01_fixed_point", "02_convergence", "03_memory_throughput", "04_ablations")
+
+# Per scale, per notebook: overrides of the notebook's own `parameters` cell (which is the default scale).
+SCALES: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {name: {} for name in NOTEBOOKS},
+    "quick": {
+        "01_fixed_point": {"shape_sizes": ["60m"], "max_iters": 12, "capture_tokens": 65_536},
+        "02_convergence": {"tokens": 262_144, "lr_points": 4, "methods": ["adamw", "sgd", "sinkgd", "swan", "muon", "apollo-mini"],
+                           "extra_seeds": [1], "eval_interval": 8},
+        "03_memory_throughput": {"measure_steps": 2},
+        "04_ablations": {"tokens": 262_144, "lr_multipliers": [1.0], "eval_interval": 8},
+    },
+    "smoke": {
+        "01_fixed_point": {"shape_sizes": [], "extra_shapes": [[24, 16], [16, 40]], "max_iters": 4,
+                           "capture_tokens": 2_048, "seq_len": 32, "batch_size": 2},
+        "02_convergence": {"tokens": 2 * 32 * 4, "seq_len": 32, "batch_size": 2, "lr_points": 2,
+                           "methods": ["adamw", "sinkgd", "swan"], "extra_seeds": [1], "eval_interval": 2,
+                           "eval_tokens": 32 * 8},
+        "03_memory_throughput": {"measure_steps": 1, "measure_model": "nano", "seq_len": 32, "batch_size": 2,
+                                 "methods": ["adamw", "sinkgd", "swan"]},
+        "04_ablations": {"tokens": 2 * 32 * 4, "seq_len": 32, "batch_size": 2, "lr_multipliers": [1.0],
+                         "eval_interval": 2, "eval_tokens": 32 * 8, "variants": ["sinkgd-L1", "swan-gradnorm-only"]},
+    },
+}
+
+
+def run_notebook(name: str, parameters: dict[str, Any], output_dir: Path, cwd: Path = REPO) -> float:
+    """Execute `notebooks/<name>.ipynb` with `parameters`; write the executed copy; return seconds taken."""
+    import papermill
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    papermill.execute_notebook(
+        str(REPO / "notebooks" / f"{name}.ipynb"), str(output_dir / f"{name}.ipynb"),
+        parameters=parameters, kernel_name="python3", cwd=str(cwd), progress_bar=False,
+        log_output=False, request_save_on_cell_execute=False)
+    return time.perf_counter() - start
+
+
+def run_all(scale: str, results_dir: Path, figures_dir: Path, only: list[str] | None = None,
+            overrides: dict[str, Any] | None = None, reuse_runs: bool = False) -> dict[str, float]:
+    """Run the notebooks in order (later ones read earlier ones' CSVs); return seconds per notebook."""
+    if scale not in SCALES:
+        raise SystemExit(f"error: unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
+    names = only or list(NOTEBOOKS)
+    unknown = sorted(set(names) - set(NOTEBOOKS))
+    if unknown:
+        raise SystemExit(f"error: unknown notebook(s) {unknown}; valid: {', '.join(NOTEBOOKS)}")
+    timings = {}
+    for name in names:
+        params = {"results_dir": str(results_dir), "figures_dir": str(figures_dir), "reuse_runs": reuse_runs,
+                  "scale": scale, **SCALES[scale][name], **(overrides or {})}
+        print(f"[{time.strftime('%H:%M:%S')}] {name} ({scale}) ...", flush=True)
+        timings[name] = run_notebook(name, params, results_dir / "notebooks")
+        print(f"[{time.strftime('%H:%M:%S')}] {name} done in {timings[name] / 60:.1f} min", flush=True)
+    return timings
+
+
+def _write_timing(results_dir: Path, scale: str, timings: dict[str, float]) -> None:
+    path = results_dir / "notebooks" / "timing.csv"
+    rows = {}
+    if path.exists():
+        for line in path.read_text().splitlines()[1:]:
+            scale_, name, seconds = line.split(",")
+            rows[(scale_, name)] = seconds
+    for name, seconds in timings.items():
+        rows[(scale, name)] = f"{seconds:.1f}"
+    path.write_text("scale,notebook,seconds\n" + "".join(f"{s},{n},{t}\n" for (s, n), t in sorted(rows.items())))
+    lines = ["| scale | notebook | minutes |", "|---|---|---|"]
+    for scale_ in sorted({s for s, _ in rows}):
+        total = 0.0
+        for (s, n), t in sorted(rows.items()):
+            if s == scale_:
+                lines.append(f"| {s} | {n} | {float(t) / 60:.1f} |")
+                total += float(t)
+        lines.append(f"| {scale_} | **all** | **{total / 60:.1f}** |")
+    (path.parent / "readme_timing.md").write_text(
+        f"Measured wall time of `make figures` (machine with {os.cpu_count()} CPU cores):\n\n"
+        + "\n".join(lines) + "\n")
+
+
+def _parse_set(items: list[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m multinorm.studies", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    fig = sub.add_parser("figures", help="run every study notebook and regenerate figures/ and README tables")
+    fig.add_argument("--scale", default="default", choices=[s for s in SCALES if s != "smoke"], help="study size")
+    fig.add_argument("--only", nargs="+", metavar="NOTEBOOK", help=f"run only these of: {', '.join(NOTEBOOKS)}")
+    fig.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a notebook parameter for every notebook (e.g. device=cuda, dataset=c4, model=60m)")
+    fig.add_argument("--reuse-runs", action="store_true", help="read back finished runs instead of training them again")
+    fig.add_argument("--results-dir", default=str(REPO / "results"), help="where CSVs, runs and executed notebooks go")
+    fig.add_argument("--figures-dir", default=str(REPO / "figures"), help="where PNG/PDF figures go")
+    fig.add_argument("--no-readme", action="store_true", help="do not rewrite README's results sections")
+    smoke = sub.add_parser("smoke", help="run every notebook with tiny parameters into a temporary folder")
+    smoke.add_argument("--keep", action="store_true", help="print and keep the temporary folder")
+    args = parser.parse_args(argv)
+
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    if args.command == "smoke":
+        tmp = Path(tempfile.mkdtemp(prefix="multinorm-smoke-"))
+        run_all("smoke", tmp / "results", tmp / "figures")
+        print(f"smoke run passed ({tmp if args.keep else 'temporary folder removed'})")
+        if not args.keep:
+            import shutil
+            shutil.rmtree(tmp, ignore_errors=True)
+        return 0
+
+    results_dir, figures_dir = Path(args.results_dir), Path(args.figures_dir)
+    start = time.perf_counter()
+    timings = run_all(args.scale, results_dir, figures_dir, args.only, _parse_set(args.set), args.reuse_runs)
+    _write_timing(results_dir, args.scale, timings)
+    if not args.no_readme:
+        from multinorm.report import update_readme
+
+        updated = update_readme(REPO / "README.md", results_dir)
+        print(f"README sections updated: {', '.join(updated) or 'none'}")
+    print(f"all notebooks done in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
