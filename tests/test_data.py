@@ -9,7 +9,6 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import gzip
-import hashlib
 import json
 import shutil
 import subprocess
@@ -116,33 +115,35 @@ def test_split_rule_is_deterministic_and_normalized():
     assert 0.03 < flags.count("validation") / len(flags) < 0.07
 
 
-def test_wiki_sample_rebuild_is_identical(data_cache_root, tmp_path):
-    # Sources are copied so the rebuild needs no network.
-    src = data_cache_root / D.WIKI_SAMPLE_DIR
-    shutil.copytree(src / "sources", tmp_path / D.WIKI_SAMPLE_DIR / "sources")
-    out = D.build_wiki_sample(tmp_path)
-    assert (out / "manifest.json").read_text() == (src / "manifest.json").read_text()
-
-
-def test_truncated_cache_is_detected_and_rebuilt(data_cache_root, tmp_path, caplog):
+def test_corrupt_cache_is_detected_and_rebuilt_identically(data_cache_root, tmp_path, caplog):
     src = data_cache_root / D.WIKI_SAMPLE_DIR
     dst = tmp_path / D.WIKI_SAMPLE_DIR
     dst.mkdir()
     for name in ("manifest.json", "README.md", "train.jsonl", "validation.jsonl"):
         shutil.copy(src / name, dst / name)
+    # Sources are copied so the rebuild needs no network.
     shutil.copytree(src / "sources", dst / "sources")
+    assert D._check_manifest(dst) is None
+
+    # Same size, different content: caught by the checksum.
+    size = (dst / "validation.jsonl").stat().st_size
+    (dst / "validation.jsonl").write_bytes(b"x" * size)
+    assert "sha256" in D._check_manifest(dst)
+    shutil.copy(src / "validation.jsonl", dst / "validation.jsonl")
+
     good = (dst / "train.jsonl").read_bytes()
     (dst / "train.jsonl").write_bytes(good[: len(good) // 2])
+    assert "bytes" in D._check_manifest(dst)
     with caplog.at_level("WARNING", logger="multinorm.data"):
         D.build_wiki_sample(tmp_path)
     assert "invalid" in caplog.text
+    # The build is deterministic: the rebuilt cache equals the original.
     assert (dst / "train.jsonl").read_bytes() == good
-
-    # Same size but different content is caught by the checksum.
-    (dst / "validation.jsonl").write_bytes(b"x" * (dst / "validation.jsonl").stat().st_size)
-    assert "sha256" in D._check_manifest(dst)
-    D.build_wiki_sample(tmp_path)
+    assert (dst / "manifest.json").read_text() == (src / "manifest.json").read_text()
     assert D._check_manifest(dst) is None
+
+    (dst / "manifest.json").unlink()  # an interrupted build leaves no manifest
+    assert D._check_manifest(dst) == "no manifest.json"
 
 
 def test_corrupt_source_is_refetched_and_verified(data_cache_root, tmp_path, monkeypatch):

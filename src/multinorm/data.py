@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import bz2
 import hashlib
-import io
 import itertools
 import json
 import logging

@@ -282,7 +282,7 @@ def whiten_nsds(G: Tensor, steps: int = 2, beta: float = 0.4, diagonal_z: bool =
             t = 3.0 - z * y
             y = beta * y * t
             z = beta * z * t
-        Q = X * (z / _fixed_point_scale(beta, gram_norm).unsqueeze(-1)).unsqueeze(-1)
+        Q = X * (z / _fixed_point_scale(beta, gram_norm)).unsqueeze(-1)
     else:
         Y, gram_norm = _gram(X)
         z = torch.ones(Y.shape[:-1], dtype=Y.dtype, device=Y.device)

@@ -264,7 +264,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", s
     try:
         data = load_data(cfg.dataset, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=cfg.seed,
                          data_files=cfg.data_files, cache_dir=cfg.cache_dir, val_tokens=cfg.eval_tokens)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # bad files, checksum, failed download
         raise ConfigError(f"dataset {cfg.dataset!r}: {exc}") from None
     model = build_model(cfg.model, data.vocab_size, seed=cfg.seed, device=device, dtype=dtype)
     model.train()
