@@ -263,6 +263,18 @@ def test_sinkhorn_scalings_reproduce_output():
     assert rel(r[:, None] * G * c[None, :], N.sr_sinkhorn(G, 4)) < 1e-6
 
 
+def test_sinkhorn_out_buffer_is_used_and_returned():
+    G = scaled((64, 96), dtype=torch.float32)
+    buf = torch.empty(64, 96)
+    out = N.sr_sinkhorn(G, 5, out=buf)
+    assert out.data_ptr() == buf.data_ptr()
+    assert torch.equal(out, N.sr_sinkhorn(G, 5))
+    with pytest.raises(ValueError, match="out"):
+        N.sr_sinkhorn(G, out=torch.empty(64, 96, dtype=torch.float64))
+    with pytest.raises(ValueError, match="out"):
+        N.sr_sinkhorn(G, out=torch.empty(96, 64).T)  # not contiguous
+
+
 # ------------------------------------------------------------------------------------------------------------
 # MultiNorm
 

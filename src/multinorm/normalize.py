@@ -330,22 +330,27 @@ def _mtv(A: Tensor, y: Tensor) -> Tensor:
     return (y.unsqueeze(-2) @ A).squeeze(-2)
 
 
-def _sinkhorn_factors(G: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def _sinkhorn_factors(G: Tensor, iters: int, eps: float, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Row and column factors r (..., m), c (..., n) with SR-Sinkhorn(G) = Diag(r) G Diag(c), plus the
-    m x n compute-dtype work buffer (free for reuse by the caller)."""
+    m x n compute-dtype work buffer (``out`` if given; free for reuse by the caller)."""
     m, n = G.shape[-2:]
     cdt = _compute_dtype(G.dtype)
+    if out is not None and (out.shape != G.shape or out.dtype != cdt or not out.is_contiguous()):
+        raise ValueError(f"sr_sinkhorn: out must be a contiguous {cdt} tensor of shape {tuple(G.shape)}")
     # A = (qG)^2 with q = 1 when the squares fit the float range comfortably (the usual case: one pass),
     # otherwise q = 1/max|G|. k rescales A to mean 1, i.e. G to unit entry RMS, the scale at which the
     # literal form applies eps; it multiplies the mat-vec results instead of the matrix.
     q = torch.ones(G.shape[:-2] + (1, 1), dtype=cdt, device=G.device)
-    A = torch.square(G) if G.dtype == cdt else G.to(cdt).square_()
+    if out is None:
+        A = torch.square(G) if G.dtype == cdt else G.to(cdt).square_()
+    else:
+        A = torch.square(G, out=out) if G.dtype == cdt else out.copy_(G).square_()
     row_sums = A.sum(dim=-1)
     total = row_sums.sum(dim=-1, keepdim=True)
     lo = torch.finfo(cdt).tiny / torch.finfo(cdt).eps  # keeps the smallest relevant squares normal
     if not bool(torch.all(torch.isfinite(total) & (total >= lo * m * n))):
         q = 1.0 / _max_abs(G)
-        A = torch.mul(G, q, out=A if G.dtype == cdt else None).square_()
+        A = torch.mul(G, q, out=A).square_()
         row_sums = A.sum(dim=-1)
         total = row_sums.sum(dim=-1, keepdim=True)
     k = torch.where(total > 0, (m * n) / total, torch.ones_like(total))  # shape (..., 1)
@@ -383,7 +388,8 @@ def _check_iters(iters: int, fn: str) -> None:
         raise ValueError(f"{fn}: iters must be a non-negative int, got {iters!r}")
 
 
-def sr_sinkhorn(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS, method: str = "fast") -> Tensor:
+def sr_sinkhorn(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS, method: str = "fast",
+                out: Tensor | None = None) -> Tensor:
     r"""SR-Sinkhorn (Algorithm 3 of arXiv 2502.06742): ``L = iters`` alternations of rows then columns,
 
         X <- G;  repeat L times:  X <- sqrt(n) Q(X)^{-1} X;   X <- sqrt(m) X R(X)^{-1}
@@ -402,14 +408,19 @@ def sr_sinkhorn(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS, method: str
     ~6L mn flops and 2L full-size temporaries.
 
     Signs are preserved; at convergence the result is invariant to positive row/column rescaling of G.
+
+    ``out`` (fast form only): a contiguous compute-dtype (float32/float64) tensor of G's shape used as the
+    work buffer and returned before the final cast, so a caller looping over matrices can reuse one buffer.
     """
     _check(G, "sr_sinkhorn")
     _check_iters(iters, "sr_sinkhorn")
     if method == "alternating":
+        if out is not None:
+            raise ValueError("sr_sinkhorn: out is only supported by method='fast'")
         return sr_sinkhorn_naive(G, iters, eps)
     if method != "fast":
         raise ValueError(f"sr_sinkhorn: method must be 'fast' or 'alternating', got {method!r}")
-    r, c, buf = _sinkhorn_factors(G, iters, eps)
+    r, c, buf = _sinkhorn_factors(G, iters, eps, out)
     out = torch.mul(G, r.unsqueeze(-1), out=buf).mul_(c.unsqueeze(-2))
     return out.to(G.dtype)
 

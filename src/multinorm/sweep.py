@@ -22,8 +22,8 @@ __all__ = ["run_id", "run_grid", "load_runs", "load_curves", "best_lr"]
 
 
 def run_id(optimizer: str, lr: float, seed: int, tag: str | None = None) -> str:
-    """Folder name of one run of a study: optimizer[-tag]-lr<lr>-seed<seed>."""
-    return f"{optimizer}{'-' + tag if tag else ''}-lr{lr:g}-seed{seed}"
+    """Folder name of one run of a study: <tag or optimizer>-lr<lr>-seed<seed>."""
+    return f"{tag or optimizer}-lr{lr:g}-seed{seed}"
 
 
 def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str | Path, *,
@@ -79,10 +79,9 @@ def load_runs(results_dir: str | Path) -> pd.DataFrame:
 
 
 def _tag_from_run_id(name: str, cfg: TrainConfig) -> str | None:
-    prefix, suffix = f"{cfg.optimizer}-", f"-lr{cfg.lr:g}-seed{cfg.seed}"
-    if name.startswith(prefix) and name.endswith(suffix):
-        return name[len(prefix):-len(suffix)] or None
-    return None
+    suffix = f"-lr{cfg.lr:g}-seed{cfg.seed}"
+    label = name[:-len(suffix)] if name.endswith(suffix) else None
+    return label if label and label != cfg.optimizer else None
 
 
 def load_curves(results_dir: str | Path, run_ids: Iterable[str] | None = None) -> pd.DataFrame:

@@ -23,6 +23,7 @@ class StatelessMatrixOptimizer(Optimizer):
     """
 
     def __init__(self, params, defaults: dict) -> None:
+        self._scratch: dict = {}
         lr = defaults["lr"]
         if isinstance(lr, Tensor) or not lr >= 0.0:
             raise ValueError(f"{type(self).__name__}: lr must be a float >= 0, got {lr!r}")
@@ -42,8 +43,24 @@ class StatelessMatrixOptimizer(Optimizer):
                 raise ValueError(f"{type(self).__name__} needs real floating-point parameters, got {p.dtype}")
 
     def direction(self, grad: Tensor, group: dict) -> Tensor:
-        """The update direction for one gradient matrix (m, n) in the compute dtype."""
+        """The update direction for one gradient matrix (m, n) in the compute dtype. It may be a view of
+        :meth:`scratch`, since it is consumed before the next call."""
         raise NotImplementedError
+
+    def scratch(self, like: Tensor) -> Tensor:
+        """A work buffer shaped and typed like ``like``, valid until the next call within this step.
+
+        All calls of one step share one flat allocation sized for the step's largest gradient: a fresh
+        m x n buffer per matrix costs page faults comparable to the whole (memory-bound) update on CPU.
+        It is released when ``step`` returns, so nothing persists between steps.
+        """
+        key = (like.device, like.dtype)
+        flat = self._scratch.get(key)
+        if flat is None or flat.numel() < like.numel():
+            largest = max([p.grad.numel() for g in self.param_groups for p in g["params"] if p.grad is not None]
+                          + [like.numel()])
+            flat = self._scratch[key] = torch.empty(largest, dtype=like.dtype, device=like.device)
+        return flat[: like.numel()].view(like.shape)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None):
@@ -52,6 +69,14 @@ class StatelessMatrixOptimizer(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._scratch = {}
+        try:
+            self._update_all()
+        finally:
+            self._scratch = {}
+        return loss
+
+    def _update_all(self) -> None:
         for group in self.param_groups:
             lr, wd = group["lr"], group["weight_decay"]
             for p in group["params"]:
@@ -66,4 +91,4 @@ class StatelessMatrixOptimizer(Optimizer):
                 if wd != 0.0:
                     p.mul_(1.0 - lr * wd)
                 p.add_(update.reshape(p.shape), alpha=-lr)
-        return loss
+                del update, matrix  # keep one transient buffer alive at a time

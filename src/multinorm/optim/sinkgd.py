@@ -47,4 +47,4 @@ class SinkGD(StatelessMatrixOptimizer):
         super().__init__(params, dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps))
 
     def direction(self, grad: Tensor, group: dict) -> Tensor:
-        return sr_sinkhorn(grad, group["iters"], group["eps"])
+        return sr_sinkhorn(grad, group["iters"], group["eps"], out=self.scratch(grad))
