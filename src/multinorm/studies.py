@@ -30,11 +30,12 @@ NOTEBOOKS = ("01_fixed_point", "02_convergence", "03_memory_throughput", "04_abl
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "default": {name: {} for name in NOTEBOOKS},
     "quick": {
-        "01_fixed_point": {"shape_sizes": ["60m"], "max_iters": 12, "capture_tokens": 65_536},
-        "02_convergence": {"tokens": 262_144, "lr_points": 4, "methods": ["adamw", "sgd", "sinkgd", "swan", "muon", "apollo-mini"],
-                           "extra_seeds": [1], "eval_interval": 8},
-        "03_memory_throughput": {"measure_steps": 2},
-        "04_ablations": {"tokens": 262_144, "lr_multipliers": [1.0], "eval_interval": 8},
+        "01_fixed_point": {"shape_sizes": ["60m"], "swan_shape_sizes": ["60m"], "max_iters": 12,
+                           "capture_tokens": 65_536},
+        "02_convergence": {"tokens": 131_072, "eval_interval": 8, "lr_points": 3,
+                           "methods": ["adamw", "sinkgd", "swan", "muon"], "extra_seeds": [1]},
+        "03_memory_throughput": {"measure_steps": 2, "methods": ["adamw", "sgd", "sinkgd", "swan", "muon", "apollo-mini"]},
+        "04_ablations": {"tokens": 131_072, "eval_interval": 8, "lr_multipliers": [1.0]},
     },
     "smoke": {
         "01_fixed_point": {"shape_sizes": [], "extra_shapes": [[24, 16], [16, 40]], "max_iters": 4,
