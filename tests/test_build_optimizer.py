@@ -13,12 +13,7 @@ from multinorm.optim import OPTIMIZERS, CombinedOptimizer, build_optimizer, opti
 VOCAB = 256
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def nano(seed=0):

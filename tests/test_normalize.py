@@ -12,13 +12,7 @@ from multinorm import normalize as N
 SHAPES = [(512, 512), (1376, 512), (512, 1376)]  # 60m: q/k/v/o, gate/up, down
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the operators are memory bound; one thread is faster and steadier on a shared 2-core machine
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian(shape, seed=0, dtype=torch.float64):

@@ -12,12 +12,7 @@ from multinorm import normalize as N
 from multinorm.optim import MNGD, SWAN, SinkGD, swan_direction
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def matrix_with_grad(shape=(48, 80), seed=0, dtype=torch.float32):

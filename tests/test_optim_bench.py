@@ -11,12 +11,7 @@ from multinorm import bench
 from multinorm.optim import SinkGD
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_peak_extra_bytes_sees_transient_buffers_only():
