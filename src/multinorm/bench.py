@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import gc
+import json
 import math
 import os
 import platform
@@ -318,31 +319,30 @@ def format_table(rows: list[BenchRow]) -> str:
     return "\n".join(lines)
 
 
-def check_targets(rows: list[BenchRow]) -> list[str]:
-    """The performance targets, as printable lines ('met' / 'NOT met' / 'not measured')."""
+def check_targets(rows: list[BenchRow]) -> list[dict[str, str]]:
+    """The performance targets: {target, measured, status} with status 'met' / 'NOT met' / 'not measured'."""
 
     def find(setting, method, device="cpu", dtype="float32"):
         return next((r for r in rows if (r.setting, r.method, r.device, r.dtype) == (setting, method, device, dtype)
                      and not math.isnan(r.median_ms)), None)
 
+    def target(name, measured, ok):
+        return {"target": name, "measured": measured, "status": "not measured" if ok is None else ("met" if ok else "NOT met")}
+
     out = []
     sink = find("block-1b", "sinkgd")
-    if sink and sink.ratio is not None:
-        out.append(f"SinkGD step <= 1.0x AdamW(foreach) on the 1b block: {sink.ratio:.2f}x -> "
-                   f"{'met' if sink.ratio <= 1.0 else 'NOT met'}")
+    ratio = sink.ratio if sink else None
+    out.append(target("SinkGD step <= 1.0x AdamW(foreach) step on the 1b block (CPU fp32)",
+                      f"{ratio:.2f}x" if ratio is not None else "", None if ratio is None else ratio <= 1.0))
     fast, lit = find("kernel", "sr-sinkhorn-fast"), find("kernel", "sr-sinkhorn-alternating")
-    if fast and lit:
-        speedup = lit.median_ms / fast.median_ms
-        out.append(f"fast SR-Sinkhorn >= 4x faster than literal: {speedup:.1f}x -> "
-                   f"{'met' if speedup >= 4.0 else 'NOT met'}")
+    speedup = lit.median_ms / fast.median_ms if fast and lit else None
+    out.append(target("fast SR-Sinkhorn >= 4x faster than the literal alternating form",
+                      f"{speedup:.1f}x" if speedup is not None else "", None if speedup is None else speedup >= 4.0))
     for method in ("sinkgd", "swan", "swan-nsds"):
         found = [r for r in rows if r.method == method and r.hidden_state_bytes is not None]
-        if not found:
-            out.append(f"zero optimizer-state bytes for hidden matrices under {method}: not measured")
-            continue
-        worst = max(r.hidden_state_bytes for r in found)
-        out.append(f"zero optimizer-state bytes for hidden matrices under {method}: {worst} B over "
-                   f"{len(found)} setting(s) -> {'met' if worst == 0 else 'NOT met'}")
+        worst = max((r.hidden_state_bytes for r in found), default=None)
+        out.append(target(f"zero optimizer-state bytes for hidden matrices under {method}",
+                          f"{worst} B over {len(found)} setting(s)" if found else "", None if worst is None else worst == 0))
     return out
 
 
@@ -431,9 +431,15 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
     print(f"ratio: step time / torch.optim.AdamW(foreach=True) step on the same parameters (kernels: / their "
           f"reference); threads={torch.get_num_threads()}; peak extra: "
           + ", ".join(sorted({r.memory_method for r in rows if r.memory_method})))
+    targets = check_targets(rows)
+    with (Path(args.out) / "targets.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["target", "measured", "status"])
+        writer.writeheader()
+        writer.writerows(targets)
+    (Path(args.out) / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
     print("targets:")
-    for line in check_targets(rows):
-        print("  " + line)
+    for t in targets:
+        print(f"  {t['target']}: {t['measured'] or '-'} -> {t['status']}")
     print(f"wrote {out} ({len(rows)} rows) in {time.perf_counter() - started:.0f} s")
     return rows
 
