@@ -50,10 +50,20 @@ def test_registry_names():
         assert spec.description and callable(spec.builder)
 
 
+@pytest.fixture(scope="module")
+def wiki_batch():
+    """One batch of real text: 4 sequences of 32 tokens of wiki-sample."""
+    from multinorm.data import load_data
+
+    data = load_data("wiki-sample", seq_len=32, vocab_size=4096)
+    return data.vocab_size, data.train_batch(0, 4)[0]
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
-def test_every_optimizer_lowers_the_loss(name):
+def test_every_optimizer_lowers_the_loss_on_wiki_sample(name, wiki_batch):
     torch.manual_seed(0)
-    model, x = nano(), batch()
+    vocab, x = wiki_batch
+    model = build_model("nano", vocab, seed=0)
     opt = build_optimizer(model, name, LRS[name], **SMALL.get(name, {}))
     assert isinstance(opt, CombinedOptimizer) and isinstance(opt, torch.optim.Optimizer)
     losses = train(model, opt, 25, x)
