@@ -160,3 +160,11 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     for a, b in zip(one, two):
         if a["val_loss"] is not None:
             assert a["val_loss"] == pytest.approx(b["val_loss"], abs=1e-4)
+
+
+def test_a_run_without_checkpoints_leaves_none(tmp_path, capsys):
+    result = train(tiny(tmp_path, run_id="light", save_checkpoint=False, tokens=4 * 64 * 2))
+    assert result.status == "completed" and not (result.run_dir / "checkpoint.pt").exists()
+    assert main(["--no-progress", "--results-dir", str(tmp_path / "runs"), "--run-id", "light", "--resume",
+                 "--seq-len", "64", "--batch-size", "4", "--tokens", str(4 * 64 * 2)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

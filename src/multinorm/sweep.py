@@ -41,6 +41,8 @@ def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str
     for override in outer:
         override = dict(override)
         tag = override.pop("tag", None)
+        # Study runs are read back from their metrics, never resumed: no multi-megabyte checkpoints.
+        override.setdefault("save_checkpoint", False)
         cfg = dataclasses.replace(base, **override, results_dir=str(results_dir), progress=False)
         cfg.run_id = cfg.run_id or run_id(cfg.optimizer, cfg.lr, cfg.seed, tag)
         outer.set_postfix_str(cfg.run_id)

@@ -68,6 +68,7 @@ class TrainConfig:
     eval_mode: str = "exact"
     log_interval: int = 10
     checkpoint_interval: int = 0
+    save_checkpoint: bool = True
     seed: int = 0
     device: str = "cpu"
     dtype: str = "auto"
@@ -374,7 +375,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", s
                  "peak_memory_bytes": _peak_memory_bytes(device)})
             bar.set_postfix(loss=f"{window_loss / window_n:.3f}", tok_s=f"{rate:,.0f}" if rate else "-")
             window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
-        if (cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == steps:
+        if cfg.save_checkpoint and ((cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == steps):
             _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, tokens_seen, train_time)
         if stop_after is not None and step >= stop_after and step < steps:
             _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, tokens_seen, train_time)
@@ -439,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-mode", default=d.eval_mode, choices=["exact", "galore_compat"], help="validation loss averaging")
     p.add_argument("--log-interval", type=int, default=d.log_interval, help="steps between metric lines")
     p.add_argument("--checkpoint-interval", type=int, default=d.checkpoint_interval, help="steps between checkpoints (0: only at the end)")
+    p.add_argument("--no-checkpoint", action="store_true", help="save no checkpoint (the run cannot be resumed)")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of initialisation and data order")
     p.add_argument("--device", default=d.device, help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES], help="auto: fp32 on CPU, bf16 on CUDA (as in the papers)")
@@ -459,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens=args.tokens, batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_frac=args.warmup_frac,
         min_lr_ratio=args.min_lr_ratio, eval_interval=args.eval_interval, eval_tokens=args.eval_tokens,
         eval_batch_size=args.eval_batch_size, eval_mode=args.eval_mode, log_interval=args.log_interval,
-        checkpoint_interval=args.checkpoint_interval, seed=args.seed, device=args.device, dtype=args.dtype,
+        checkpoint_interval=args.checkpoint_interval, save_checkpoint=not args.no_checkpoint, seed=args.seed, device=args.device, dtype=args.dtype,
         results_dir=args.results_dir, run_id=args.run_id, cache_dir=args.cache_dir, progress=not args.no_progress)
     try:
         result = train(cfg, resume=args.resume, if_exists="overwrite" if args.overwrite else "error")
