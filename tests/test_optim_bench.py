@@ -47,3 +47,19 @@ def test_micro_run_writes_csv_and_reports_targets(tmp_path, capsys):
     assert next(r for r in table if r["method"] == "adamw-foreach")["ratio"] == "1.0000"
     out = capsys.readouterr().out
     assert "zero optimizer-state bytes for hidden matrices under sinkgd: 0 B" in out and "-> met" in out
+
+
+def test_csv_round_trip_and_targets(tmp_path):
+    from multinorm.bench import BenchRow, read_csv, write_csv, write_targets
+
+    def row(setting, method, ms, ratio=None, hidden=None):
+        return BenchRow(setting, method, "cpu", "float32", 1, ms, 3, ratio, "adamw-foreach", None, hidden, None, "", "")
+
+    rows = [row("block-1b", "adamw-foreach", 100.0, 1.0, 400), row("block-1b", "sinkgd", 130.0, 1.3, 0),
+            row("kernel", "sr-sinkhorn-fast", 10.0), row("kernel", "sr-sinkhorn-alternating", 50.0),
+            row("micro", "swan", 5.0, 2.0, 0), row("micro", "swan-nsds", 4.0, 1.5, 8)]
+    write_csv(rows, tmp_path / "optimizer_step.csv")
+    assert read_csv(tmp_path / "optimizer_step.csv") == rows
+    statuses = [t["status"] for t in write_targets(rows, tmp_path)]
+    assert statuses == ["NOT met", "met", "met", "met", "NOT met"]  # 1.3x AdamW; 5x; 0 B; 0 B; 8 B
+    assert (tmp_path / "targets.csv").read_text().count("\n") == 6

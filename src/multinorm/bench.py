@@ -372,6 +372,33 @@ def write_csv(rows: list[BenchRow], path: Path) -> None:
             writer.writerow(d)
 
 
+def read_csv(path: Path) -> list[BenchRow]:
+    """The rows of an `optimizer_step.csv` written by `write_csv`."""
+    def num(text, kind):
+        return None if text == "" else kind(text)
+
+    with open(path, newline="") as f:
+        return [BenchRow(setting=d["setting"], method=d["method"], device=d["device"], dtype=d["dtype"],
+                         threads=int(d["threads"]), median_ms=float(d["median_ms"] or "nan"),
+                         repeats=int(d["repeats"]), ratio=num(d["ratio"], float), baseline=d["baseline"],
+                         state_bytes=num(d["state_bytes"], int), hidden_state_bytes=num(d["hidden_state_bytes"], int),
+                         peak_extra_bytes=num(d["peak_extra_bytes"], int), memory_method=d["memory_method"],
+                         note=d["note"]) for d in csv.DictReader(f)]
+
+
+def write_targets(rows: list[BenchRow], out_dir: Path) -> list[dict[str, str]]:
+    """Evaluate the targets on `rows`, write `<out_dir>/targets.csv`, print them, return them."""
+    targets = check_targets(rows)
+    with (Path(out_dir) / "targets.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["target", "measured", "status"])
+        writer.writeheader()
+        writer.writerows(targets)
+    print("targets:")
+    for t in targets:
+        print(f"  {t['target']}: {t['measured'] or '-'} -> {t['status']}")
+    return targets
+
+
 # ------------------------------------------------------------------------------------------------------------
 # entry point
 
@@ -387,6 +414,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per cheap method (default 5)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CPU, plus CUDA (bf16 and fp32) when available")
+    parser.add_argument("--targets-only", action="store_true",
+                        help="re-evaluate the targets from <out>/optimizer_step.csv without benchmarking")
     parser.add_argument("--settings", default="block-1b,micro,kernel",
                         help="comma-separated subset of block-1b, micro, kernel")
     return parser.parse_args(argv)
@@ -394,6 +423,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> list[BenchRow]:
     args = parse_args(argv)
+    if args.targets_only:
+        path = Path(args.out) / "optimizer_step.csv"
+        if not path.exists():
+            raise SystemExit(f"--targets-only: no {path}; run the benchmark first")
+        rows = read_csv(path)
+        write_targets(rows, Path(args.out))
+        return rows
     torch.set_num_threads(args.threads)
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = set(settings) - {"block-1b", "micro", "kernel"}
@@ -431,15 +467,8 @@ def main(argv: list[str] | None = None) -> list[BenchRow]:
     print(f"ratio: step time / torch.optim.AdamW(foreach=True) step on the same parameters (kernels: / their "
           f"reference); threads={torch.get_num_threads()}; peak extra: "
           + ", ".join(sorted({r.memory_method for r in rows if r.memory_method})))
-    targets = check_targets(rows)
-    with (Path(args.out) / "targets.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["target", "measured", "status"])
-        writer.writeheader()
-        writer.writerows(targets)
     (Path(args.out) / "environment.json").write_text(json.dumps(env, indent=2) + "\n")
-    print("targets:")
-    for t in targets:
-        print(f"  {t['target']}: {t['measured'] or '-'} -> {t['status']}")
+    write_targets(rows, Path(args.out))
     print(f"wrote {out} ({len(rows)} rows) in {time.perf_counter() - started:.0f} s")
     return rows
 
