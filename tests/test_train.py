@@ -168,3 +168,12 @@ def test_a_run_without_checkpoints_leaves_none(tmp_path, capsys):
     assert main(["--no-progress", "--results-dir", str(tmp_path / "runs"), "--run-id", "light", "--resume",
                  "--seq-len", "64", "--batch-size", "4", "--tokens", str(4 * 64 * 2)]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_reuse_ignores_bookkeeping_settings(tmp_path):
+    first = train(tiny(tmp_path, run_id="keep", tokens=4 * 64 * 2))
+    again = train(tiny(tmp_path, run_id="keep", tokens=4 * 64 * 2, save_checkpoint=False, checkpoint_interval=1),
+                  if_exists="reuse")
+    assert again.summary == first.summary
+    changed = train(tiny(tmp_path, run_id="keep", tokens=4 * 64 * 2, lr=1e-3), if_exists="reuse")
+    assert changed.summary["run_id"] == "keep" and changed.summary != first.summary

@@ -43,8 +43,9 @@ def method_colors(methods: Sequence[str]) -> dict[str, tuple]:
     import seaborn as sns
 
     order = list(METHOD_LABELS)
-    palette = sns.color_palette("colorblind", len(order))
-    return {m: palette[order.index(m) % len(palette)] if m in order else palette[-1] for m in methods}
+    # colorblind has 10 colours; the dark variant extends it so no two known methods share one
+    palette = sns.color_palette("colorblind", 10) + sns.color_palette("dark", 10)
+    return {m: palette[order.index(m)] if m in order else palette[-1] for m in methods}
 
 
 def save_figure(fig, name: str, figures_dir: str | Path = "figures") -> list[Path]:

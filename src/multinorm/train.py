@@ -223,7 +223,7 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, if_exists: s
         if if_exists == "reuse":
             old = json.loads(config_path.read_text())["config"]
             summary_path = run_dir / "summary.json"
-            if old == _config_dict(cfg) and summary_path.exists():
+            if _same_run(old, _config_dict(cfg)) and summary_path.exists():
                 return RunResult(run_dir, json.loads(summary_path.read_text()))
         elif if_exists == "error":
             raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, "
@@ -238,6 +238,16 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, if_exists: s
     except OSError as exc:
         raise ConfigError(f"results folder {run_dir} is not writable: {exc.strerror or exc}") from None
     return None
+
+
+# Settings that change how a run is kept, not what it computes.
+_BOOKKEEPING = {"save_checkpoint", "checkpoint_interval", "progress"}
+
+
+def _same_run(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a recorded config computes the same run as `new` (bookkeeping settings aside)."""
+    keys = (set(old) | set(new)) - _BOOKKEEPING
+    return all(k in old and k in new and old[k] == new[k] for k in keys)
 
 
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
