@@ -101,10 +101,10 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 def replace_section(text: str, name: str, content: str) -> str:
     """Replace what lies between the `results:name` markers of `text` (which must exist)."""
-    pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n).*?(\n<!-- /results:{re.escape(name)} -->)", re.S)
+    pattern = re.compile(rf"(<!-- results:{re.escape(name)} -->\n).*?(<!-- /results:{re.escape(name)} -->)", re.S)
     if not pattern.search(text):
         raise ValueError(f"README has no section markers for {name!r}")
-    return pattern.sub(lambda m: m.group(1) + content.strip() + m.group(2), text)
+    return pattern.sub(lambda m: m.group(1) + content.strip() + "\n" + m.group(2), text)
 
 
 def update_readme(readme: str | Path = "README.md", results_dir: str | Path = "results") -> list[str]:
