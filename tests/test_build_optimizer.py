@@ -120,6 +120,19 @@ def test_hparams_reach_the_groups():
     assert build_optimizer(model, "sgd", 0.1, momentum=0.9).param_groups[0]["momentum"] == 0.9
 
 
+def test_adamw_split_lr_is_one_adamw_with_two_group_lrs():
+    # The convergence study's "adamw-split" baseline: AdamW state for every parameter, hidden matrices at lr,
+    # embeddings/head/norms at adam_lr.
+    model = nano()
+    opt = build_optimizer(model, "adamw", 4e-3, adam_lr=1e-3)
+    assert len(opt.optimizers) == 1 and isinstance(opt.optimizers[0], torch.optim.AdamW)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"hidden": 4e-3, "rest": 1e-3}
+    hidden, rest = split_parameters(model)
+    assert [p for p in opt.param_groups[0]["params"]] == [p for _, p in hidden]
+    assert [p for p in opt.param_groups[1]["params"]] == [p for _, p in rest]
+
+
 def test_unknown_names_and_hparams_raise_clear_errors():
     model = nano()
     with pytest.raises(ValueError, match="valid names: adamw"):

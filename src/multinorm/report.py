@@ -22,6 +22,9 @@ METHOD_LABELS = {
     "adamw": "AdamW", "sgd": "SGD", "sinkgd": "SinkGD", "swan": "SWAN", "swan-nsds": "SWAN (NSDS)",
     "mngd": "MNGD", "muon": "Muon", "galore": "GaLore", "apollo": "APOLLO", "apollo-mini": "APOLLO-Mini",
     "fira": "Fira",
+    # AdamW with its own lr on the hidden matrices and the tuned AdamW lr on the rest: the same two-lr
+    # freedom as every mixed method, so the baseline is not handicapped by sharing one lr.
+    "adamw-split": "AdamW (split lr)",
 }
 
 
