@@ -105,6 +105,7 @@ def test_divergence_stops_the_run_and_keeps_the_record(tmp_path, capsys):
     (["--tokens", "100"], "smaller than one step"),
     (["--lr", "0"], "lr must be a positive number"),
     (["--lr=-1e-3"], "lr must be a positive number"),
+    (["--lr", "0", "--hparam", "adam_lr=0"], "lr must be a positive number"),
     (["--results-dir", "/proc/forbidden"], "not writable"),
 ])
 def test_cli_rejects_bad_input_with_one_line(args, message, capsys):
@@ -177,3 +178,18 @@ def test_reuse_ignores_bookkeeping_settings(tmp_path):
     assert again.summary == first.summary
     changed = train(tiny(tmp_path, run_id="keep", tokens=4 * 64 * 2, lr=1e-3), if_exists="reuse")
     assert changed.summary["run_id"] == "keep" and changed.summary != first.summary
+
+
+def test_lr_zero_with_adam_lr_freezes_only_the_hidden_matrices(tmp_path):
+    """The convergence study's control: hidden matrices at lr 0, embeddings/head/norms trained by AdamW."""
+    import torch
+
+    from multinorm.llama import build_model, split_parameters
+
+    result = train(tiny(tmp_path, run_id="frozen", lr=0.0, hparams={"adam_lr": 3e-3}, tokens=4 * 64 * 4))
+    assert result.status == "completed"
+    trained = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["model"]
+    init = build_model("nano", 4096, seed=0).state_dict()
+    hidden, rest = split_parameters(build_model("nano", 4096, seed=0))
+    assert all(torch.equal(trained[name], init[name]) for name, _ in hidden)
+    assert not torch.equal(trained["model.embed_tokens.weight"], init["model.embed_tokens.weight"])

@@ -25,6 +25,8 @@ METHOD_LABELS = {
     # AdamW with its own lr on the hidden matrices and the tuned AdamW lr on the rest: the same two-lr
     # freedom as every mixed method, so the baseline is not handicapped by sharing one lr.
     "adamw-split": "AdamW (split lr)",
+    # A control: AdamW on embeddings/head/norms only, hidden matrices at lr 0.
+    "frozen-hidden": "hidden frozen (control)",
 }
 
 

@@ -104,8 +104,12 @@ class TrainConfig:
         max_pos = MODEL_CONFIGS[self.model].max_position_embeddings
         if not 1 <= self.seq_len <= max_pos:
             raise ConfigError(f"seq_len {self.seq_len} is outside 1..{max_pos}, the positions of model {self.model!r}")
-        if not self.lr > 0 or not math.isfinite(self.lr):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        # lr 0 with a positive adam_lr is a control run: hidden matrices frozen, embeddings/head/norms trained.
+        adam_lr = self.hparams.get("adam_lr")
+        frozen_hidden = self.lr == 0 and isinstance(adam_lr, (int, float)) and adam_lr > 0
+        if not (self.lr > 0 or frozen_hidden) or not math.isfinite(self.lr):
+            raise ConfigError(f"lr must be a positive number (0 only with a positive adam_lr, which freezes the "
+                              f"hidden matrices), got {self.lr}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum ({self.grad_accum})")
         if self.steps < 1:
