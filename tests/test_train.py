@@ -189,7 +189,8 @@ def test_lr_zero_with_adam_lr_freezes_only_the_hidden_matrices(tmp_path):
     result = train(tiny(tmp_path, run_id="frozen", lr=0.0, hparams={"adam_lr": 3e-3}, tokens=4 * 64 * 4))
     assert result.status == "completed"
     trained = torch.load(result.run_dir / "checkpoint.pt", weights_only=True)["model"]
-    init = build_model("nano", 4096, seed=0).state_dict()
-    hidden, rest = split_parameters(build_model("nano", 4096, seed=0))
+    model = build_model("nano", 4096, seed=0)
+    init = model.state_dict()
+    hidden, _ = split_parameters(model)
     assert all(torch.equal(trained[name], init[name]) for name, _ in hidden)
     assert not torch.equal(trained["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
