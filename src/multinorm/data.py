@@ -57,6 +57,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from multinorm.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 DATASETS: tuple[str, ...] = ("wiki-sample", "c4", "local")
@@ -159,13 +161,6 @@ def _sha256_texts(texts: Iterable[str]) -> str:
     return digest.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes | str) -> None:
-    """Write via a temporary file and rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -254,7 +249,7 @@ def _ensure_source(source: WikiSource, dest_dir: Path) -> Path:
     data = _download_member(source)
     _check_digest(data, source, "downloaded")
     dest_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, data)
+    atomic_write(path, data)
     return path
 
 
@@ -424,7 +419,7 @@ def build_wiki_sample(cache_dir: str | os.PathLike | None = None, force: bool = 
     for split, docs in splits.items():
         lines = "".join(json.dumps(doc, ensure_ascii=False) + "\n" for doc in docs)
         path = out / _split_file(split)
-        _write_atomic(path, lines)
+        atomic_write(path, lines)
         files[path.name] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         stats[split] = {
             "documents": len(docs),
@@ -450,9 +445,9 @@ def build_wiki_sample(cache_dir: str | os.PathLike | None = None, force: bool = 
         ],
         "license": WIKI_LICENSE,
     }
-    _write_atomic(out / "README.md", _wiki_readme(manifest))
+    atomic_write(out / "README.md", _wiki_readme(manifest))
     # The manifest goes last: its presence marks a complete build.
-    _write_atomic(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    atomic_write(out / "manifest.json", json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
     log.info(
         "built wiki-sample in %.1fs: %s", time.perf_counter() - start,
         ", ".join(f"{k} {v['documents']} docs / {v['characters']:,} chars" for k, v in stats.items()),
@@ -838,7 +833,7 @@ def _prepare_tokens(
         **timings,
         "sha256": {rel: sha256_file(cache / rel) for rel in files},
     }
-    _write_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+    atomic_write(meta_path, json.dumps(meta, indent=2) + "\n")
     return tokenizer, train_ids, val_ids, meta
 
 

@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from multinorm.io import parse_assignment
+
 __all__ = ["NOTEBOOKS", "SCALES", "run_notebook", "run_all", "main"]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,17 +109,6 @@ def _write_timing(results_dir: Path, scale: str, timings: dict[str, float]) -> N
         + "\n".join(lines) + "\n")
 
 
-def _parse_set(items: list[str]) -> dict[str, Any]:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m multinorm.studies", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -125,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     fig = sub.add_parser("figures", help="run every study notebook and regenerate figures/ and README tables")
     fig.add_argument("--scale", default="default", choices=[s for s in SCALES if s != "smoke"], help="study size")
     fig.add_argument("--only", nargs="+", metavar="NOTEBOOK", help=f"run only these of: {', '.join(NOTEBOOKS)}")
-    fig.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    fig.add_argument("--set", action="append", default=[], type=parse_assignment, metavar="KEY=VALUE",
                      help="override a notebook parameter for every notebook (e.g. device=cuda, dataset=c4, model=60m)")
     fig.add_argument("--reuse-runs", action="store_true", help="read back finished runs instead of training them again")
     fig.add_argument("--results-dir", default=str(REPO / "results"), help="where CSVs, runs and executed notebooks go")
@@ -147,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results_dir, figures_dir = Path(args.results_dir), Path(args.figures_dir)
     start = time.perf_counter()
-    timings = run_all(args.scale, results_dir, figures_dir, args.only, _parse_set(args.set), args.reuse_runs)
+    timings = run_all(args.scale, results_dir, figures_dir, args.only, dict(args.set), args.reuse_runs)
     if not args.reuse_runs:  # read-back runs cost nothing; keep the timing of the last full run
         _write_timing(results_dir, args.scale, timings)
     if not args.no_readme:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from multinorm import __version__
 from multinorm.data import DATASETS, load_data
+from multinorm.io import atomic_write, parse_assignment
 from multinorm.llama import MODEL_CONFIGS, build_model, count_parameters, split_parameters
 from multinorm.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
 
@@ -202,10 +203,9 @@ def evaluate(model: torch.nn.Module, data, batch_size: int, device: torch.device
 
 
 def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, tokens_seen: int, wall: float) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "tokens": tokens_seen, "wall_s": wall}, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-save never leaves a half-written checkpoint
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "step": step, "tokens": tokens_seen, "wall_s": wall}
+    atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-save leaves the previous checkpoint
 
 
 def _load_checkpoint(path: Path) -> dict[str, Any]:
@@ -418,16 +418,6 @@ def capture_gradients(cfg: TrainConfig, checkpoint: str | Path | None = None, st
     return {name: p.grad.detach().float().cpu() for name, p in hidden}
 
 
-def _parse_hparam(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    key, value = text.split("=", 1)
-    try:
-        return key.replace("-", "_"), json.loads(value)
-    except json.JSONDecodeError:
-        return key.replace("-", "_"), value
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m multinorm.train",
@@ -441,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per sequence")
     p.add_argument("--optimizer", default=d.optimizer, help=f"one of: {', '.join(OPTIMIZERS)}")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (of the hidden matrices for mixed optimizers)")
-    p.add_argument("--hparam", action="append", type=_parse_hparam, default=[], metavar="KEY=VALUE",
+    p.add_argument("--hparam", action="append", type=parse_assignment, default=[], metavar="KEY=VALUE",
                    help="optimizer hyper-parameter, repeatable (e.g. --hparam iters=5 --hparam adam_lr=0.003)")
     p.add_argument("--tokens", type=int, default=d.tokens, help="training token budget")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per optimizer step")
