@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
-# Never reach the Hugging Face hub from tests (set before `datasets` is imported).
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -28,14 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def data_cache_root() -> Path:
-    """The shared cache (``$MULTINORM_DATA`` or ``<repo>/data``), built once."""
-    root = Path(os.environ.get("MULTINORM_DATA", REPO / "data"))
-    D.build_wiki_sample(root)
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -486,7 +473,21 @@ def test_cli_local(tmp_path):
         [sys.executable, "-m", "multinorm.data", "--dataset", "local", "--data-files", str(path),
          "--vocab-size", "300", "--seq-len", "32", "--cache-dir", str(tmp_path / "cache")],
         capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert "tokens/char" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# test environment (tests/conftest.py)
+# ---------------------------------------------------------------------------
+
+
+def test_suite_is_offline_and_shares_one_cache(data_cache_root):
+    import huggingface_hub
+
+    assert huggingface_hub.is_offline_mode()
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    # Code that uses the default cache (trainer, notebooks, subprocesses) reads the corpus built for the run.
+    assert D.default_cache_dir() == data_cache_root
+    assert W._check_manifest(data_cache_root / D.WIKI_SAMPLE_DIR) is None
