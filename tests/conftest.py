@@ -1,7 +1,53 @@
 """Shared fixtures."""
 
+import os
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def offline():
+    """Hugging Face offline mode for the whole run, restored afterwards.
+
+    Every test reads local files or the wiki-sample cache, so a hub request can
+    only be a bug (or a hang on a machine without network); offline mode turns it
+    into an immediate error. The variables reach `datasets` (imported later) and
+    subprocesses; huggingface_hub reads its variable once, when transformers
+    imports it during collection, so its constant is patched as well.
+    """
+    import huggingface_hub.constants
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_DATASETS_OFFLINE", "1")
+        mp.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+        datasets_config = sys.modules.get("datasets.config")
+        if datasets_config is not None:  # imported before this fixture ran
+            mp.setattr(datasets_config, "HF_HUB_OFFLINE", True)
+            mp.setattr(datasets_config, "HF_DATASETS_OFFLINE", True)
+        yield
+
+
+@pytest.fixture(scope="session")
+def data_cache_root():
+    """The wiki-sample cache (``$MULTINORM_DATA`` or ``<repo>/data``), built once per test run.
+
+    The root is exported as ``MULTINORM_DATA`` for the rest of the session, so
+    code that uses the default cache (the trainer, notebooks, CLI subprocesses)
+    reads this same corpus instead of building its own.
+    """
+    from multinorm.data import build_wiki_sample
+
+    root = Path(os.environ.get("MULTINORM_DATA", REPO / "data")).resolve()
+    build_wiki_sample(root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MULTINORM_DATA", str(root))
+        yield root
 
 
 @pytest.fixture

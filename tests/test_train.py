@@ -8,6 +8,9 @@ import pytest
 
 from multinorm.train import TrainConfig, lr_factor, main, read_metrics, train
 
+# The runs read wiki-sample from the default cache, which this fixture builds once and exports.
+pytestmark = pytest.mark.usefixtures("data_cache_root")
+
 
 def tiny(tmp_path, **overrides):
     """A few-second run of `nano` on wiki-sample (sequences of 64 tokens, batch 4)."""
