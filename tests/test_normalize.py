@@ -69,7 +69,7 @@ def ref_sinkhorn(G, L):
 
 
 def ref_coupled_ns(X, steps, beta):
-    """Coupled Newton-Schulz exactly as written in algorithms.md 6.3 (m <= n), scaled to its fixed point."""
+    """Coupled Newton-Schulz exactly as written in docs/algorithms.md#coupled-newton-schulz-iteration (m <= n), scaled to its fixed point."""
     A = X @ X.T
     a = A.norm()
     Y, Z = A / a, torch.eye(A.shape[0], dtype=X.dtype)
@@ -80,7 +80,7 @@ def ref_coupled_ns(X, steps, beta):
 
 
 def ref_nsds(X, steps, beta, diagonal_z):
-    """NSDS as written in algorithms.md 6.6 with explicit Diag matrices (m <= n)."""
+    """NSDS as written in docs/algorithms.md#nsds with explicit Diag matrices (m <= n)."""
     A = X @ X.T
     a = A.norm()
     eye = torch.eye(A.shape[0], dtype=X.dtype)
@@ -148,7 +148,7 @@ def test_spectral_and_exact_whitening_match_svd(shape):
 
 
 def ill_conditioned(m=256, n=768, seed=0):
-    """A GradNorm-ed gradient with singular values spread over three decades (algorithms.md 6.3 check)."""
+    """A GradNorm-ed gradient with singular values spread over three decades (docs/algorithms.md#choosing-steps-and-beta)."""
     g = torch.Generator().manual_seed(seed)
     U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
     V, _ = torch.linalg.qr(torch.randn(n, m, generator=g, dtype=torch.float64))
@@ -195,7 +195,7 @@ def test_nsds_matches_literal_formula(diagonal_z):
     X = ill_conditioned(64, 160, seed=5)
     out = N.whiten_nsds(X, steps=2, beta=0.4, diagonal_z=diagonal_z)
     assert rel(out, ref_nsds(X, 2, 0.4, diagonal_z)) < 1e-10
-    # algorithms.md 6.6: after GradNorm, NSDS stays very close to GradNorm itself
+    # docs/algorithms.md#nsds: after GradNorm, NSDS stays very close to GradNorm itself
     assert cosine(out, X) > 0.99
     assert rel(N.whiten_nsds(X.T, diagonal_z=diagonal_z), ref_nsds(X, 2, 0.4, diagonal_z).T) < 1e-10
 
@@ -294,7 +294,7 @@ def test_swan_pair_reaches_fixed_point_after_one_pass_on_wide_matrices():
         assert N.fixed_point_residual(X, ("gradnorm", "spectral")) < 1e-7  # GradNorm's eps = 1e-8
         torch.testing.assert_close(X.norm(dim=1), torch.full((shape[0],), math.sqrt(shape[1]), dtype=X.dtype))
         assert N.fixed_point_residual(G, ("gradnorm", "spectral")) > 0.1
-    # tall matrices with rows over the input dim are not a one-pass fixed point (algorithms.md 6.8)
+    # tall matrices with rows over the input dim are not a one-pass fixed point (docs/algorithms.md#when-one-pass-is-a-fixed-point)
     X = N.multi_normalize(scaled((1376, 512)), ("gradnorm", "spectral"))
     assert N.fixed_point_residual(X, ("gradnorm", "spectral")) > 1e-3
 

@@ -1,21 +1,25 @@
-"""Analytic memory of a method at a model size: weights plus optimizer states (benchmark.md §6.4a).
+"""Analytic memory of a method at a model size: weights plus optimizer states.
 
-The papers' table convention counts weights and optimizer states in BF16 (2 bytes each) and leaves
-out gradients and activations:
+The papers' table convention (docs/benchmark.md#analytic-memory-estimate) counts weights and optimizer
+states in BF16 (2 bytes each) and leaves out gradients and activations:
 
     memory = bytes_per_value · (P_total + S),   S = state elements of the method
 
 State elements per hidden matrix W ∈ ℝ^{m×n} (r = projection rank):
 
-    AdamW             2mn                      (first and second moments)
-    SGD               0                        (mn with momentum)
-    SinkGD, SWAN, MNGD 0                       (stateless: the update is a function of the gradient)
-    Muon              mn                       (momentum buffer)
-    GaLore, Fira      min(m,n)·r + 2·r·max(m,n) (projector + moments in the rank-r subspace)
-    APOLLO(-Mini)     2·r·max(m,n)             (moments in a random subspace re-drawn from a seed)
+    AdamW                          2mn                        (first and second moments)
+    SGD                            0                          (mn with momentum)
+    SinkGD, SWAN, SWAN-NSDS, MNGD  0                          (stateless: the update is a function of the gradient)
+    Muon                           mn                         (momentum buffer)
+    GaLore, Fira                   min(m,n)·r + 2·r·max(m,n)  (projector + moments in the rank-r subspace)
+    APOLLO(-Mini)                  2·r·max(m,n)               (moments in a random subspace re-drawn from a seed)
 
 Embeddings, LM head and norms take AdamW (2 state elements each) in every method of the papers'
-recipe except plain SGD and "fully stateless" (SWAN-0, hypothesis A of algorithms.md §6.7).
+recipe except plain SGD and "swan-0", the fully stateless reading of SWAN-0 (docs/algorithms.md#swan-0).
+
+``METHODS`` holds every name of the optimizer registry (``multinorm.optim.OPTIMIZERS``) plus "swan-0".
+Study labels such as "adamw-split" or "frozen-hidden" are AdamW run at other learning rates: their memory
+is AdamW's.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from multinorm.llama import MODEL_CONFIGS, build_model, split_parameters
 
 __all__ = ["METHODS", "DEFAULT_RANKS", "hidden_shapes", "state_elements", "analytic_memory"]
 
-# Projection ranks of the benchmark scripts (benchmark.md §5); APOLLO-Mini is rank 1 at every size.
+# Projection ranks of the benchmark scripts (docs/benchmark.md#projection-ranks); APOLLO-Mini is rank 1 at
+# every size.
 DEFAULT_RANKS = {
     "galore": {"60m": 128, "130m": 256, "350m": 256, "1b": 512},
     "fira": {"60m": 128, "130m": 256, "350m": 256, "1b": 512},
@@ -34,7 +39,9 @@ DEFAULT_RANKS = {
     "apollo-mini": {size: 1 for size in ("60m", "130m", "350m", "1b")},
 }
 
-METHODS = ("adamw", "sgd", "sinkgd", "swan", "swan-0", "muon", "galore", "fira", "apollo", "apollo-mini")
+METHODS = ("adamw", "sgd", "sinkgd", "swan", "swan-nsds", "mngd", "swan-0", "muon", "galore", "fira", "apollo",
+           "apollo-mini")
+_STATELESS = ("sgd", "sinkgd", "swan", "swan-nsds", "mngd", "swan-0")
 
 
 @lru_cache(maxsize=None)
@@ -49,7 +56,7 @@ def hidden_shapes(model: str, vocab_size: int | None = None) -> tuple[tuple[tupl
 def _matrix_state(method: str, m: int, n: int, rank: int | None) -> int:
     if method == "adamw":
         return 2 * m * n
-    if method in ("sgd", "sinkgd", "swan", "swan-0", "swan-nsds", "mngd"):
+    if method in _STATELESS:
         return 0
     if method == "muon":
         return m * n

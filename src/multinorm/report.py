@@ -66,7 +66,7 @@ def save_figure(fig, name: str, figures_dir: str | Path = "figures") -> list[Pat
 def tokens_to_reach(tokens: Sequence[float], losses: Sequence[float], target: float) -> float:
     """First token count at which the loss curve reaches `target`, interpolated linearly between evaluations.
 
-    Returns NaN when the curve never gets there (benchmark.md §6.2: T_method(PPL*)).
+    Returns NaN when the curve never gets there (docs/benchmark.md#token-efficiency-speed-up: T_method(PPL*)).
     """
     tokens, losses = np.asarray(tokens, dtype=float), np.asarray(losses, dtype=float)
     for i, loss in enumerate(losses):

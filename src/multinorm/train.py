@@ -181,7 +181,7 @@ def _peak_memory_bytes(device: torch.device) -> int:
 def evaluate(model: torch.nn.Module, data, batch_size: int, device: torch.device, mode: str = "exact") -> float:
     """Mean validation loss per predicted token on the fixed validation set.
 
-    `mode="galore_compat"` reproduces the GaLore evaluator's quirk (benchmark.md §4): the mean of
+    `mode="galore_compat"` reproduces the GaLore evaluator's quirk (docs/benchmark.md#the-galore-evaluator-quirk): the mean of
     per-batch mean losses divided by n + 1 for n batches, which biases the perplexity low.
     """
     was_training = model.training
