@@ -6,8 +6,8 @@ vocabulary 32,000 (t5-base), init N(0, 0.02). The CPU sizes keep the same archit
 the benchmark's `llama_9m` and `llama_20m` configs, with the vocabulary taken from the tokenizer.
 
 Parameter routing follows the benchmark: the Linear weights inside attention and MLP blocks
-("hidden matrices") get the stateless update; embeddings, LM head and norms do not. `lm_head` is 2-D,
-so routing is by module name, never by `ndim` alone.
+("hidden matrices") get the stateless update; embeddings, LM head and norms do not. The rule lives in
+`multinorm.optim.grouping` (re-exported here as `split_parameters` and `HIDDEN_MATRIX_NAMES`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from .optim.grouping import HIDDEN_MATRIX_NAMES, split_parameters  # re-exported for existing callers
 
 __all__ = [
     "MODEL_CONFIGS",
@@ -50,17 +52,6 @@ MODEL_CONFIGS: dict[str, ModelShape] = {
     "350m": ModelShape(1024, 2736, 16, 24, 32000),
     "1b": ModelShape(2048, 5461, 32, 24, 32000),
 }
-
-# Module-name suffixes of the matrices that get the stateless update (HF LLaMA names).
-HIDDEN_MATRIX_NAMES = (
-    "self_attn.q_proj.weight",
-    "self_attn.k_proj.weight",
-    "self_attn.v_proj.weight",
-    "self_attn.o_proj.weight",
-    "mlp.gate_proj.weight",
-    "mlp.up_proj.weight",
-    "mlp.down_proj.weight",
-)
 
 
 def llama_config(name: str, vocab_size: int | None = None, max_position_embeddings: int | None = None) -> LlamaConfig:
@@ -114,33 +105,6 @@ def build_model(
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model.to(dtype=dtype)
-
-
-def split_parameters(model: torch.nn.Module) -> tuple[list[tuple[str, torch.nn.Parameter]], list[tuple[str, torch.nn.Parameter]]]:
-    """Split trainable parameters into (hidden matrices, the rest), by module name.
-
-    Hidden matrices are the q, k, v, o, gate, up and down projection weights of every block; the rest
-    are embeddings, LM head and norm gains. Every trainable parameter lands in exactly one list
-    (checked), and a model with no hidden matrices is rejected, since that means the names changed.
-    """
-    hidden, rest = [], []
-    for name, param in model.named_parameters():
-        if not param.requires_grad:
-            continue
-        if name.endswith(HIDDEN_MATRIX_NAMES):
-            if param.ndim != 2:
-                raise ValueError(f"hidden matrix {name} has shape {tuple(param.shape)}, expected 2-D")
-            hidden.append((name, param))
-        else:
-            rest.append((name, param))
-    n_trainable = sum(1 for p in model.parameters() if p.requires_grad)
-    claimed = {id(p) for _, p in hidden} | {id(p) for _, p in rest}
-    if len(claimed) != n_trainable or len(hidden) + len(rest) != n_trainable:
-        raise RuntimeError("parameter split does not claim every trainable parameter exactly once")
-    if not hidden:
-        raise ValueError("no hidden matrices found: expected HF LLaMA module names such as "
-                         "'model.layers.0.self_attn.q_proj.weight'")
-    return hidden, rest
 
 
 def count_parameters(model: torch.nn.Module) -> dict[str, int]:

@@ -410,7 +410,9 @@ def sr_sinkhorn(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS, method: str
     Signs are preserved; at convergence the result is invariant to positive row/column rescaling of G.
 
     ``out`` (fast form only): a contiguous compute-dtype (float32/float64) tensor of G's shape used as the
-    work buffer and returned before the final cast, so a caller looping over matrices can reuse one buffer.
+    work buffer; the result is written there and ``out`` itself is returned, in the compute dtype (no cast
+    back to a low-precision G's dtype), so a caller looping over matrices can reuse one buffer and a bf16
+    gradient costs one fp32 m x n buffer in all.
     """
     _check(G, "sr_sinkhorn")
     _check_iters(iters, "sr_sinkhorn")
@@ -421,8 +423,8 @@ def sr_sinkhorn(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS, method: str
     if method != "fast":
         raise ValueError(f"sr_sinkhorn: method must be 'fast' or 'alternating', got {method!r}")
     r, c, buf = _sinkhorn_factors(G, iters, eps, out)
-    out = torch.mul(G, r.unsqueeze(-1), out=buf).mul_(c.unsqueeze(-2))
-    return out.to(G.dtype)
+    X = torch.mul(G, r.unsqueeze(-1), out=buf).mul_(c.unsqueeze(-2))
+    return X if out is not None else X.to(G.dtype)
 
 
 def sr_sinkhorn_naive(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS) -> Tensor:

@@ -2,11 +2,14 @@
 
 ``build_optimizer(model, name, lr, **hparams)`` returns one optimizer over a LLaMA's trainable parameters
 (the named method on the hidden matrices, AdamW on the rest); ``OPTIMIZERS`` lists the names.
+``split_parameters`` / ``is_hidden_matrix`` hold the routing rule. Importing this package does not import
+``transformers``.
 """
 
 from .base import StatelessMatrixOptimizer
 from .build import OPTIMIZERS, OptimizerSpec, build_optimizer
 from .combined import CombinedOptimizer, optimizer_state_bytes
+from .grouping import HIDDEN_MATRIX_NAMES, is_hidden_matrix, split_parameters
 from .mngd import MNGD
 from .sinkgd import SinkGD
 from .swan import SWAN, swan_direction
@@ -22,4 +25,7 @@ __all__ = [
     "OptimizerSpec",
     "OPTIMIZERS",
     "build_optimizer",
+    "split_parameters",
+    "is_hidden_matrix",
+    "HIDDEN_MATRIX_NAMES",
 ]

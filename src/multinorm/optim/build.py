@@ -1,8 +1,9 @@
 """The optimizer registry and ``build_optimizer``: one optimizer over all trainable parameters.
 
 Routing follows both papers and the GaLore benchmark they use: the attention and MLP projection
-matrices of every block ("hidden", :func:`multinorm.llama.split_parameters`) get the named method, while
-embeddings, LM head and norm gains ("rest") get AdamW. ``adamw`` and ``sgd`` use one rule for both. The
+matrices of every block ("hidden", :func:`multinorm.optim.grouping.split_parameters`; pass ``is_hidden`` to
+route another model's matrices) get the named method, while embeddings, LM head and norm gains ("rest")
+get AdamW. ``adamw`` and ``sgd`` use one rule for both. The
 result is a :class:`CombinedOptimizer` whose groups carry a ``"name"`` key ("hidden" / "rest").
 
 Hyperparameters common to the methods that pair with AdamW: ``adam_lr`` (default: ``lr``), ``adam_betas``
@@ -23,8 +24,8 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
-from ..llama import split_parameters
 from .combined import CombinedOptimizer
+from .grouping import is_hidden_matrix, split_parameters
 from .mngd import MNGD
 from .sinkgd import SinkGD
 from .swan import SWAN
@@ -161,10 +162,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", **_ADAM_PKG}),
 }
 
-def build_optimizer(model: nn.Module, name: str, lr: float, **hparams: Any) -> CombinedOptimizer:
-    """One optimizer over all trainable parameters of a LLaMA ``model``: ``name`` on the hidden matrices,
-    AdamW on embeddings/head/norms (see the module docstring). Unknown names or hparams raise ValueError
-    listing the valid ones. Every trainable parameter lands in exactly one group (checked)."""
+def build_optimizer(model: nn.Module, name: str, lr: float, *,
+                    is_hidden: Callable[[str, nn.Parameter], bool] | None = None,
+                    **hparams: Any) -> CombinedOptimizer:
+    """One optimizer over all trainable parameters of ``model``: ``name`` on the hidden matrices, AdamW on
+    the rest (see the module docstring). ``is_hidden(name, param)`` picks the hidden matrices (default:
+    :func:`multinorm.optim.grouping.is_hidden_matrix`, the HF LLaMA projections). Unknown names or hparams
+    raise ValueError listing the valid ones. Every trainable parameter lands in exactly one group (checked)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
     spec = OPTIMIZERS[name]
@@ -177,7 +181,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, **hparams: Any) -> C
     if not lr >= 0.0:
         raise ValueError(f"lr must be >= 0, got {lr}")
     hp = {**spec.defaults, **hparams}
-    hidden, rest = split_parameters(model)
+    hidden, rest = split_parameters(model, is_hidden_matrix if is_hidden is None else is_hidden)
     optimizer = CombinedOptimizer(spec.builder([p for _, p in hidden], [p for _, p in rest], lr, hp))
     _check_coverage(model, optimizer)
     return optimizer

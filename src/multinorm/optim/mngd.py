@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..normalize import NORMALIZERS, multi_normalize
-from .base import StatelessMatrixOptimizer
+from .base import Check, StatelessMatrixOptimizer, compute_dtype, is_int_at_least
 
 __all__ = ["MNGD"]
 
@@ -32,27 +32,41 @@ class MNGD(StatelessMatrixOptimizer):
     L = 5 is SinkGD (which uses a faster equivalent), ("gradnorm", "spectral") with L = 1 is SWAN with
     exact whitening. Cost: ``L * sum_i cost(P_{g_i})`` per matrix; no state.
 
+    ``maximize=True`` ascends the objective. The named norms are odd (``P(-G) = -P(G)``), so the update's
+    sign is flipped; with a callable among ``norms`` the normalisations run on ``-G`` instead.
+
     Args:
         params: matrices to optimize (or parameter-group dicts).
         lr: learning rate (default 1e-3).
         norms: the sequence of normalisations (default ("row", "col")).
         iters: number L of passes over ``norms`` (default 5).
         weight_decay: decoupled weight decay (default 0).
+        maximize: ascend the objective instead of descending (default False).
     """
 
     def __init__(self, params, lr: float = 1e-3, norms: Sequence = ("row", "col"), iters: int = 5,
-                 weight_decay: float = 0.0):
-        if isinstance(norms, str):
-            norms = (norms,)
-        norms = tuple(norms)
-        if not norms:
-            raise ValueError("MNGD: norms is empty")
-        for norm in norms:
-            if not callable(norm) and norm not in NORMALIZERS:
-                raise ValueError(f"MNGD: unknown norm {norm!r}; valid names: {', '.join(NORMALIZERS)} (or a callable)")
-        if not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"MNGD: iters must be an int >= 1, got {iters!r}")
-        super().__init__(params, dict(lr=lr, norms=norms, iters=iters, weight_decay=weight_decay))
+                 weight_decay: float = 0.0, *, maximize: bool = False):
+        super().__init__(params, dict(lr=lr, norms=norms, iters=iters, weight_decay=weight_decay, maximize=maximize))
+
+    def _prepare_group(self, group: dict) -> None:
+        norms = group["norms"]
+        if isinstance(norms, str) or callable(norms):
+            group["norms"] = (norms,)
+        elif isinstance(norms, (list, tuple)):
+            group["norms"] = tuple(norms)
+
+    def _checks(self, group: dict) -> list[Check]:
+        return super()._checks(group) + [
+            ("norms", _valid_norms, f"a non-empty sequence of names from {list(NORMALIZERS)} or callables"),
+            ("iters", is_int_at_least(1), "an int >= 1"),
+        ]
 
     def direction(self, grad: Tensor, group: dict) -> Tensor:
-        return multi_normalize(grad, group["norms"], group["iters"])
+        X = grad.to(compute_dtype(grad.dtype))
+        if group["maximize"] and any(callable(norm) for norm in group["norms"]):
+            return multi_normalize(X.neg(), group["norms"], group["iters"]).neg_()
+        return multi_normalize(X, group["norms"], group["iters"])
+
+
+def _valid_norms(norms) -> bool:
+    return isinstance(norms, tuple) and len(norms) > 0 and all(callable(n) or n in NORMALIZERS for n in norms)

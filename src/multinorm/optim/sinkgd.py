@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..normalize import DEFAULT_EPS, sr_sinkhorn
-from .base import StatelessMatrixOptimizer
+from .base import Check, StatelessMatrixOptimizer, compute_dtype, is_float_at_least, is_int_at_least
 
 __all__ = ["SinkGD"]
 
@@ -31,7 +31,8 @@ class SinkGD(StatelessMatrixOptimizer):
     global lr of 0.02 times alpha = 0.05 for these matrices, i.e. lr = 1e-3 here.
 
     No momentum and no state: ``self.state`` stays empty. SR-Sinkhorn is computed in its vector form
-    (:func:`multinorm.normalize.sr_sinkhorn`): ``(3 + 4L) mn`` flops, 2L mat-vecs, one m x n fp32 buffer.
+    (:func:`multinorm.normalize.sr_sinkhorn`): ``(3 + 4L) mn`` flops, 2L mat-vecs, one m x n fp32 buffer
+    (a bf16/fp16 gradient is converted into that buffer, not copied first).
 
     Args:
         params: matrices to optimize (or parameter-group dicts); see ``StatelessMatrixOptimizer``.
@@ -39,12 +40,19 @@ class SinkGD(StatelessMatrixOptimizer):
         iters: number L of row/column alternations (default 5).
         weight_decay: decoupled weight decay, ``W <- W (1 - lr * weight_decay)`` (default 0).
         eps: clamp for row/column norms of the unit-RMS gradient (default 1e-8).
+        maximize: ascend the objective, ``W <- W + lr X``, instead of descending (default False).
     """
 
-    def __init__(self, params, lr: float = 1e-3, iters: int = 5, weight_decay: float = 0.0, eps: float = DEFAULT_EPS):
-        if not isinstance(iters, int) or iters < 1:
-            raise ValueError(f"SinkGD: iters must be an int >= 1, got {iters!r}")
-        super().__init__(params, dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps))
+    def __init__(self, params, lr: float = 1e-3, iters: int = 5, weight_decay: float = 0.0,
+                 eps: float = DEFAULT_EPS, *, maximize: bool = False):
+        super().__init__(params, dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps, maximize=maximize))
+
+    def _checks(self, group: dict) -> list[Check]:
+        return super()._checks(group) + [
+            ("iters", is_int_at_least(1), "an int >= 1"),
+            ("eps", is_float_at_least(0.0), "a float >= 0"),
+        ]
 
     def direction(self, grad: Tensor, group: dict) -> Tensor:
-        return sr_sinkhorn(grad, group["iters"], group["eps"], out=self.scratch(grad))
+        buf = self.scratch(grad.shape, compute_dtype(grad.dtype), grad.device)
+        return sr_sinkhorn(grad, group["iters"], group["eps"], out=buf)

@@ -2,16 +2,30 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import normalize as N
-from .base import StatelessMatrixOptimizer
+from .base import (Check, StatelessMatrixOptimizer, check_options, compute_dtype, is_bool, is_float_at_least,
+                   is_int_at_least, is_one_of)
 
-__all__ = ["SWAN", "swan_direction", "SWAN_VARIANT_DEFAULTS"]
+__all__ = ["SWAN", "swan_direction", "swan_checks", "SWAN_VARIANT_DEFAULTS"]
 
 # (ns_steps, beta) per variant: full SWAN (10, 0.8); NSDS (2, 0.4)
 SWAN_VARIANT_DEFAULTS = {"full": (10, 0.8), "nsds": (2, 0.4)}
+
+
+def swan_checks(options: dict) -> list[Check]:
+    """The checks of SWAN's options (shared by :func:`swan_direction` and :class:`SWAN`'s groups)."""
+    return [
+        ("variant", is_one_of(SWAN_VARIANT_DEFAULTS), f"one of {list(SWAN_VARIANT_DEFAULTS)}"),
+        ("gradnorm_axis", is_one_of(("input", "longer")), "one of ['input', 'longer']"),
+        ("whitening", is_one_of(("newton-schulz", "exact")), "one of ['newton-schulz', 'exact']"),
+        ("whitening", lambda w: options["variant"] == "full" or w == "newton-schulz",
+         "'newton-schulz' with variant='nsds' (exact whitening applies to variant='full' only)"),
+        ("ns_steps", is_int_at_least(0), "an int >= 0"),
+        ("beta", is_float_at_least(1.0 / 3.0, strict=True), "a float > 1/3"),
+        ("eps", is_float_at_least(0.0), "a float >= 0"),
+    ] + [(key, is_bool, "a bool") for key in ("gradnorm", "center", "whiten", "diagonal_z", "rescale")]
 
 
 def swan_direction(
@@ -40,17 +54,12 @@ def swan_direction(
     ``gradnorm=False`` / ``whiten=False`` drop a stage (ablations). ``ns_steps``/``beta`` default to the
     variant's (10, 0.8) for "full" and (2, 0.4) for "nsds". Returns the compute dtype of G.
     """
-    if variant not in SWAN_VARIANT_DEFAULTS:
-        raise ValueError(f"SWAN: variant must be one of {list(SWAN_VARIANT_DEFAULTS)}, got {variant!r}")
-    if gradnorm_axis not in ("input", "longer"):
-        raise ValueError(f"SWAN: gradnorm_axis must be 'input' or 'longer', got {gradnorm_axis!r}")
-    if whitening not in ("newton-schulz", "exact"):
-        raise ValueError(f"SWAN: whitening must be 'newton-schulz' or 'exact', got {whitening!r}")
-    if variant == "nsds" and whitening != "newton-schulz":
-        raise ValueError("SWAN: whitening='exact' applies to variant='full' only")
-    default_steps, default_beta = SWAN_VARIANT_DEFAULTS[variant]
-    steps = default_steps if ns_steps is None else ns_steps
-    beta = default_beta if beta is None else beta
+    default_steps, default_beta = SWAN_VARIANT_DEFAULTS.get(variant, (None, None))
+    options = dict(gradnorm=gradnorm, center=center, gradnorm_axis=gradnorm_axis, whiten=whiten, variant=variant,
+                   whitening=whitening, ns_steps=default_steps if ns_steps is None else ns_steps,
+                   beta=default_beta if beta is None else beta, diagonal_z=diagonal_z, rescale=rescale, eps=eps)
+    check_options("SWAN", options, swan_checks(options))
+    steps, beta = options["ns_steps"], options["beta"]
 
     transpose = gradnorm_axis == "longer" and G.shape[-2] > G.shape[-1]
     X = G.mT if transpose else G
@@ -93,13 +102,15 @@ class SWAN(StatelessMatrixOptimizer):
 
     No momentum and no state: ``self.state`` stays empty. Cost per m x n matrix (m = smaller dim):
     ``4 m^2 n + 6 k m^3`` flops for "full", ``4 m^2 n + O(k m^2)`` for "nsds"; transient memory three m x m
-    matrices and one fp32 m x n copy.
+    matrices and fp32 m x n copies.
+
+    ``maximize=True`` ascends the objective (the direction is odd in G, so the update's sign is flipped).
 
     Args:
         params: matrices to optimize (or parameter-group dicts).
         lr: learning rate (default 1e-3).
         ns_steps, beta: Newton-Schulz steps and coefficient (default: (10, 0.8) for "full", (2, 0.4) for
-            "nsds").
+            "nsds"). A parameter group that sets its own ``variant`` but not these takes that variant's.
         variant: "full" or "nsds".
         center: centre rows in GradNorm (default True).
         rescale: rescale the update to Frobenius norm sqrt(mn) (default True).
@@ -110,6 +121,7 @@ class SWAN(StatelessMatrixOptimizer):
         diagonal_z: NSDS reading that keeps Z diagonal throughout (default False).
         weight_decay: decoupled weight decay (default 0).
         eps: GradNorm's epsilon (default 1e-8, relative to the unit-RMS gradient).
+        maximize: ascend the objective instead of descending (default False).
     """
 
     def __init__(
@@ -128,25 +140,30 @@ class SWAN(StatelessMatrixOptimizer):
         diagonal_z: bool = False,
         weight_decay: float = 0.0,
         eps: float = N.DEFAULT_EPS,
+        *,
+        maximize: bool = False,
     ):
-        if variant not in SWAN_VARIANT_DEFAULTS:
-            raise ValueError(f"SWAN: variant must be one of {list(SWAN_VARIANT_DEFAULTS)}, got {variant!r}")
-        default_steps, default_beta = SWAN_VARIANT_DEFAULTS[variant]
-        ns_steps = default_steps if ns_steps is None else ns_steps
-        beta = default_beta if beta is None else beta
-        if not isinstance(ns_steps, int) or ns_steps < 0:
-            raise ValueError(f"SWAN: ns_steps must be an int >= 0, got {ns_steps!r}")
-        if not beta > 1.0 / 3.0:
-            raise ValueError(f"SWAN: beta must be > 1/3, got {beta}")
-        defaults = dict(lr=lr, ns_steps=ns_steps, beta=beta, variant=variant, center=center, rescale=rescale,
-                        gradnorm_axis=gradnorm_axis, whitening=whitening, gradnorm=gradnorm, whiten=whiten,
-                        diagonal_z=diagonal_z, weight_decay=weight_decay, eps=eps)
-        # validate the combination once, on a dummy matrix, rather than at the first step
-        swan_direction(torch.ones(2, 3), **_direction_kwargs(defaults))
+        default_steps, default_beta = SWAN_VARIANT_DEFAULTS.get(variant, (None, None))
+        defaults = dict(lr=lr, ns_steps=default_steps if ns_steps is None else ns_steps,
+                        beta=default_beta if beta is None else beta, variant=variant, center=center,
+                        rescale=rescale, gradnorm_axis=gradnorm_axis, whitening=whitening, gradnorm=gradnorm,
+                        whiten=whiten, diagonal_z=diagonal_z, weight_decay=weight_decay, eps=eps, maximize=maximize)
         super().__init__(params, defaults)
 
+    def add_param_group(self, param_group: dict) -> None:
+        # a group naming its own variant gets that variant's (ns_steps, beta) unless it names them too
+        if "variant" in param_group and param_group["variant"] in SWAN_VARIANT_DEFAULTS:
+            steps, beta = SWAN_VARIANT_DEFAULTS[param_group["variant"]]
+            param_group.setdefault("ns_steps", steps)
+            param_group.setdefault("beta", beta)
+        super().add_param_group(param_group)
+
+    def _checks(self, group: dict) -> list[Check]:
+        return super()._checks(group) + swan_checks(group)
+
     def direction(self, grad: Tensor, group: dict) -> Tensor:
-        return swan_direction(grad, **_direction_kwargs(group))
+        X = grad.to(compute_dtype(grad.dtype))
+        return swan_direction(X, **_direction_kwargs(group))
 
 
 def _direction_kwargs(group: dict) -> dict:
