@@ -25,7 +25,7 @@ data: $(STAMP) ## build the embedded wiki-sample corpus and tokenizer cache in d
 	$(PY) -m multinorm.data --dataset wiki-sample
 
 test: $(STAMP) ## run the unit, end-to-end and notebook smoke tests (CPU, offline)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 smoke: $(STAMP) ## run every notebook with tiny parameters into a temporary folder
 	$(PY) -m multinorm.studies smoke
