@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
               ([torch.device("cuda")] if has_cuda and args.device in ("auto", "cuda") else [])
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    env = environment() | {"quick": args.quick, "rounds": args.rounds, "slow_rounds": args.slow_rounds,
+    env = environment(argv) | {"quick": args.quick, "rounds": args.rounds, "slow_rounds": args.slow_rounds,
                            "min_run_time_s": args.min_run_time}
     log(f"{env['cpu']}; {env['available_cores']} core(s) available; torch {env['torch']}, {env['torch_threads']} "
         f"thread(s), BLAS {env['blas']}; GPU {env['gpu'] or 'none'}; load average {env['load_average']}")

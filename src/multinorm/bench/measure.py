@@ -163,13 +163,16 @@ def peak_extra_bytes(fn: Callable[[], object], roots: object, device: torch.devi
 
 
 def memory_bandwidth(device: torch.device, nbytes: int, threads: int, min_run_time: float) -> dict[str, float]:
-    """Sustained memory bandwidth in bytes/s over an ``nbytes`` float32 tensor, with ``threads`` torch
-    threads: ``read`` (a sum: nbytes read) and ``copy`` (a copy into a second tensor: nbytes read plus
-    nbytes written, counted as 2 nbytes). The tensor should be much larger than the last-level cache."""
+    """Sustained memory bandwidth in bytes/s over ``nbytes`` float32 tensors, with ``threads`` torch threads,
+    of three streams: ``read`` (a sum; nbytes moved), ``copy`` (into a second tensor; 2 nbytes) and
+    ``axpy`` (``y += a x`` in place: two reads and a write, 3 nbytes; the access pattern of an SGD step).
+    The tensors should be much larger than the last-level cache. One core's bandwidth is bounded by the
+    cache misses it keeps in flight, so a fused kernel over more streams can beat all three."""
     x = torch.ones(nbytes // 4, device=device)
-    y = torch.empty_like(x)
+    y = torch.ones_like(x)
     out = {}
-    for kind, stmt, moved in (("read", "x.sum()", nbytes), ("copy", "y.copy_(x)", 2 * nbytes)):
+    for kind, stmt, moved in (("read", "x.sum()", nbytes), ("copy", "y.copy_(x)", 2 * nbytes),
+                              ("axpy", "y.add_(x, alpha=0.5)", 3 * nbytes)):
         timer = benchmark.Timer(stmt, globals={"x": x, "y": y}, num_threads=threads)
         out[kind] = moved / timer.blocked_autorange(min_run_time=min_run_time).median
     return out
@@ -214,12 +217,13 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
-def environment() -> dict:
-    """Where and with what the benchmark ran: CPU, cores, threads, versions, BLAS, GPU, date."""
+def environment(argv: list[str] | None = None) -> dict:
+    """Where and with what the benchmark ran (``argv``: its arguments): CPU, cores, threads, versions,
+    BLAS, GPU, load, date."""
     config = torch.__config__.show()
     env = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.executable), "-m", "multinorm.bench", *sys.argv[1:]]),
+        "command": " ".join(["python -m multinorm.bench", *(sys.argv[1:] if argv is None else argv)]),
         "git_commit": _git_commit(),
         "cpu": _cpu_model(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

@@ -13,6 +13,14 @@ builder ``OPTIMIZERS[name].builder(matrices, [], lr, defaults)``, i.e. with no A
 
 The reference is ``torch.optim.AdamW(foreach=True)`` on CPU and ``AdamW(fused=True)`` on CUDA, over the
 same matrices; each method is timed in alternation with it (see :mod:`multinorm.bench.measure`).
+
+Floors. SWAN is compute bound: its floor is the matmul FLOPs of its whitening (:func:`swan_flops`) at the
+fp32 matmul rate of this machine, measured in the same rounds on a square matmul of the matrices'
+median smaller side. AdamW, SGD and SinkGD are memory bound: their floor is the bytes a step must move
+(:func:`traffic`) at the best memory bandwidth measured at the same thread count
+(:func:`multinorm.bench.measure.memory_bandwidth`). ``fraction`` is the achieved share of that
+bandwidth; it can exceed 1 when a step's kernels keep more streams in flight than the simple streams
+do, so the bandwidth floor is an estimate, not a strict bound.
 """
 
 from __future__ import annotations

@@ -118,6 +118,13 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
         lines += [f"**Where a `{first['model']}` training step spends its time** ({first['batch_size']} x "
                   f"{first['seq_len']} tokens, {first['device']} {first['dtype']}; evaluation amortized over its "
                   f"interval; torch.profiler)\n", _table(wide.reset_index()), ""]
+    bandwidth = tables.get("bandwidth")
+    if bandwidth is not None and not bandwidth.empty:
+        shown = bandwidth.assign(MB=bandwidth["bytes"] / 1e6)[
+            ["setting", "device", "dtype", "method", "MB", "step_ms", "floor_ms", "achieved_gbs", "machine_gbs",
+             "fraction"]]
+        lines += ["**Bytes a step must move** (floor_ms: those bytes at the best memory bandwidth measured with the "
+                  "same threads, machine_gbs; the accounting is in bandwidth.csv)\n", _table(shown), ""]
     throughput = tables.get("train_throughput")
     if throughput is not None and not throughput.empty:
         parts = [f"{r.optimizer} {r.tokens_per_s:,.0f} ({_fmt(r.ratio, '.3f')}x {r.baseline}, "

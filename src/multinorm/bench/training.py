@@ -25,6 +25,7 @@ __all__ = ["TrainSetup", "make_loops", "train_throughput", "train_profile", "PHA
            "THROUGHPUT_COLUMNS", "PROFILE_COLUMNS"]
 
 PHASES = ("data", "forward", "backward", "optimizer", "evaluation")
+LABEL = "bench:"  # prefix of the profiler ranges, so no other range shares their names
 THROUGHPUT_COLUMNS = ["model", "device", "dtype", "threads", "batch_size", "seq_len", "optimizer", "baseline",
                       "rounds", "step_ms", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "ratio",
                       "ratio_min", "ratio_max", "note"]
@@ -71,16 +72,16 @@ def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch
         counter = itertools.count()
 
         def step(model=model, opt=opt, sched=sched, counter=counter):
-            with record_function("data"):
+            with record_function(LABEL + "data"):
                 ids, labels = data.train_batch(next(counter), setup.batch_size)
                 ids, labels = ids.to(device), labels.to(device)
-            with record_function("forward"):
+            with record_function(LABEL + "forward"):
                 loss = model(input_ids=ids, labels=labels).loss
                 _sync(device)
-            with record_function("backward"):
+            with record_function(LABEL + "backward"):
                 loss.backward()
                 loss.detach().float().item()
-            with record_function("optimizer"):
+            with record_function(LABEL + "optimizer"):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
@@ -88,7 +89,7 @@ def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch
 
         @torch.no_grad()
         def evaluate(model=model):
-            with record_function("evaluation"):
+            with record_function(LABEL + "evaluation"):
                 model.eval()
                 for ids, labels in data.val_batches(setup.eval_batch_size):
                     model(input_ids=ids.to(device), labels=labels.to(device)).loss.float().item()
@@ -126,18 +127,19 @@ def train_profile(loops: Sequence[Loop], setup: TrainSetup, device: torch.device
     """Per loop: ``steps`` steps and one evaluation under ``torch.profiler`` (after the warm-up that
     the throughput measurement gave). Evaluation is amortized over ``setup.eval_interval`` steps;
     ``other`` is the part of a step outside the labelled phases (Python, scheduler bookkeeping)."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     rows = []
     for loop in loops:
         loop.step()  # warm-up, in case no throughput measurement ran before
         loop.evaluate()
-        with profile(activities=activities) as prof:
+        # CPU activity only: every phase ends with a CUDA sync, so its range's wall time covers its GPU work
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(steps):
-                with record_function("step"):
+                with record_function(LABEL + "step"):
                     loop.step()
             loop.evaluate()
-        # cpu_time_total of a record_function range is its wall time (phases end with a CUDA sync)
-        total = {e.key: e.cpu_time_total / 1e3 for e in prof.key_averages()}
+        # cpu_time_total of a record_function range is the wall time spent inside it, in microseconds
+        total = {e.key.removeprefix(LABEL): e.cpu_time_total / 1e3 for e in prof.key_averages()
+                 if e.key.startswith(LABEL)}
         step_ms = total["step"] / steps
         ms = {phase: total.get(phase, 0.0) / steps for phase in PHASES if phase != "evaluation"}
         ms["other"] = max(step_ms - sum(ms.values()), 0.0)
