@@ -96,6 +96,26 @@ def test_traffic_counts_the_passes_of_each_method():
     assert bench.traffic("swan", [p32]) is None
 
 
+def test_slow_methods_are_skipped_or_reported_from_one_step(monkeypatch):
+    from multinorm.bench import steps
+
+    args = bench.parse_args(["--quick", "--max-step", "0"])
+    cpu, fp32 = torch.device("cpu"), torch.float32
+
+    def rows():
+        out = steps.bench_setting("block-1b", cpu, fp32, ["adamw-foreach", "sgd"], args, None, lambda msg: None)
+        return {r["method"]: r for r in out["optimizer_step"]}
+
+    skipped = rows()["sgd"]  # any predicted time is over 10 x 0 s
+    assert skipped["note"].startswith("skipped") and "step_ms" not in skipped
+    monkeypatch.setattr(steps, "predicted_step", lambda *a: 0.0)
+    found = rows()
+    one_step = found["sgd"]
+    assert one_step["rounds"] == 0 and one_step["step_ms"] > 0 and "ratio" not in one_step
+    assert "not timed in rounds" in one_step["note"]
+    assert found["adamw-foreach"]["rounds"] == args.rounds  # the reference is always timed
+
+
 # ------------------------------------------------------------------------------------------------------------
 # targets
 
