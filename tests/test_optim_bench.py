@@ -133,8 +133,9 @@ def _tables(sink_ratio=0.4, micro_ratio=0.9, syncs=(0, 0), floor=(1.1, None), to
     ])
     floors = pd.DataFrame([{"setting": s, "device": "cpu", "dtype": "float32", "method": "swan", "ratio": r}
                            for s, r in zip(("micro", "block-1b"), floor) if r is not None])
-    train = pd.DataFrame([{"model": "nano", "device": "cpu", "optimizer": "sinkgd", "baseline": "adamw",
-                           "tokens_per_s": 5000.0, "ratio": tokens_ratio, "ratio_min": 0.9, "ratio_max": 1.1}])
+    train = pd.DataFrame([{"model": "nano", "device": "cpu", "dtype": "float32", "optimizer": "sinkgd",
+                           "baseline": "adamw", "tokens_per_s": 5000.0, "ratio": tokens_ratio, "ratio_min": 0.9,
+                           "ratio_max": 1.1}])
     return {"optimizer_step": step, "compute_floor": floors, "train_throughput": train}
 
 
@@ -169,7 +170,7 @@ def test_summary_markdown_lists_targets_and_profile():
     assert "Test CPU" in text and "Quick run" in text
     assert "| backward | 40.0 ms (40%) | 40.0 ms (40%) |" in text
     assert text.count("not measured") == 2
-    assert "sinkgd 5,000 (1.020x adamw, 0.900-1.100)" in text
+    assert "cpu float32 sinkgd 5,000 (1.020x adamw, 0.900-1.100)" in text
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -115,7 +115,8 @@ def random_params(shapes: Sequence[tuple[int, int]], device: torch.device, dtype
     return params
 
 
-def make_params(setting: str, device: torch.device, dtype: torch.dtype, quick: bool = False) -> list[torch.nn.Parameter]:
+def make_params(setting: str, device: torch.device, dtype: torch.dtype,
+                quick: bool = False) -> list[torch.nn.Parameter]:
     """The setting's matrices as parameters with ``.grad`` set (see the module docstring). With ``quick``,
     random shapes are divided by QUICK_SHRINK and ``micro`` takes the ``nano`` model's matrices."""
     if setting == "micro":

@@ -110,10 +110,10 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
     shown = targets.assign(measured=[_fmt(v, ".3g") for v in targets["measured"]])
     lines += ["**Targets**\n", _table(shown), ""]
     profile = tables.get("train_profile")
-    if profile is not None and not profile.empty:
-        first = profile.iloc[0]
-        cell = profile.assign(cell=[f"{ms:.1f} ms ({100 * f:.0f}%)" for ms, f in
-                                    zip(profile["ms_per_step"], profile["fraction"])])
+    for _, part in ([] if profile is None else profile.groupby(["device", "dtype"], sort=False)):
+        first = part.iloc[0]
+        cell = part.assign(cell=[f"{ms:.1f} ms ({100 * f:.0f}%)"
+                                 for ms, f in zip(part["ms_per_step"], part["fraction"])])
         wide = cell.pivot_table(index="phase", columns="optimizer", values="cell", aggfunc="first", sort=False)
         lines += [f"**Where a `{first['model']}` training step spends its time** ({first['batch_size']} x "
                   f"{first['seq_len']} tokens, {first['device']} {first['dtype']}; evaluation amortized over its "
@@ -127,8 +127,7 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
                   "same threads, machine_gbs; the accounting is in bandwidth.csv)\n", _table(shown), ""]
     throughput = tables.get("train_throughput")
     if throughput is not None and not throughput.empty:
-        parts = [f"{r.optimizer} {r.tokens_per_s:,.0f} ({_fmt(r.ratio, '.3f')}x {r.baseline}, "
+        parts = [f"{r.device} {r.dtype} {r.optimizer} {r.tokens_per_s:,.0f} ({_fmt(r.ratio, '.3f')}x {r.baseline}, "
                  f"{_fmt(r.ratio_min, '.3f')}-{_fmt(r.ratio_max, '.3f')})" for r in throughput.itertuples()]
-        lines += ["**Training tokens/s** (" + ", ".join(sorted(set(throughput["device"]))) + "): "
-                  + "; ".join(parts) + ".", ""]
+        lines += ["**Training tokens/s**: " + "; ".join(parts) + ".", ""]
     return "\n".join(lines).rstrip() + "\n"

@@ -49,7 +49,7 @@ class TrainSetup:
 
 @dataclass
 class Loop:
-    """One optimizer's model and its step / evaluation closures."""
+    """One optimizer's training step and evaluation, each closing over its own model."""
 
     optimizer: str
     step: Callable[[], None]
@@ -61,7 +61,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch.device, dtype: torch.dtype) -> list[Loop]:
+def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch.device,
+               dtype: torch.dtype) -> list[Loop]:
     """A model, optimizer and scheduler per optimizer name, and closures for one step and one evaluation."""
     loops = []
     for name in optimizers:
@@ -80,7 +81,7 @@ def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch
                 _sync(device)
             with record_function(LABEL + "backward"):
                 loss.backward()
-                loss.detach().float().item()
+                loss.detach().float().item()  # the trainer reads the loss every step
             with record_function(LABEL + "optimizer"):
                 opt.step()
                 opt.zero_grad(set_to_none=True)
