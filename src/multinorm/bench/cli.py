@@ -36,12 +36,12 @@ DEFAULTS = {"rounds": (7, 2), "slow_rounds": (3, 2), "min_run_time": (0.2, 0.01)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from . import __doc__ as doc
 
-    p = argparse.ArgumentParser(prog="python -m multinorm.bench", description=doc.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m multinorm.bench", description=doc.split("\n\n")[0])
     p.add_argument("--out", default="results/bench", help="folder for the CSV tables, environment.json and "
-                   "readme_bench.md")
+                   "readme_bench.md (default results/bench)")
     p.add_argument("--settings", default=",".join(SETTINGS),
-                   help="comma-separated optimizer-step settings (hidden-350m and hidden-1b run on CUDA only)")
+                   help="comma-separated optimizer-step settings (default: all of " + ", ".join(SETTINGS) +
+                        "; hidden-350m and hidden-1b run on CUDA only)")
     p.add_argument("--methods", default=None,
                    help="comma-separated optimizers to time (default: every AdamW variant and registry optimizer; "
                         "--quick: " + ", ".join(QUICK_METHODS) + "); the AdamW reference is always timed")
@@ -49,18 +49,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="interleaved rounds per comparison (default 7; --quick 2)")
     p.add_argument("--slow-rounds", type=int, default=None,
                    help="rounds for a step that takes over --slow-step seconds (default 3; --quick 2)")
-    p.add_argument("--slow-step", type=float, default=1.0, help="seconds above which a step counts as slow")
+    p.add_argument("--slow-step", type=float, default=1.0, help="seconds above which a step counts as slow (default 1)")
     p.add_argument("--max-step", type=float, default=40.0,
-                   help="seconds: a method whose warm-up step takes longer is reported from that one step, "
-                        "without rounds; one that a step on shapes / 8 predicts at over 10x this is skipped")
+                   help="seconds (default 40): a method whose warm-up step takes longer is reported from that one "
+                        "step, without rounds; one that a step on shapes / 8 predicts at over 10x this is skipped")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds each measurement runs its statement, after warm-up (torch.utils.benchmark "
                         "blocked_autorange; default 0.2; --quick 0.01)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: the optimizer steps are memory bound, and one thread gives steady "
-                        "timings on a shared machine)")
+                        "timings on a shared machine; default 1)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="auto: CPU (fp32), plus CUDA (fp32 and bf16) when available")
+                   help="auto (default): CPU (fp32), plus CUDA (fp32 and bf16) when available")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="on CUDA, do not time torch.compile'd steps")
     p.add_argument("--skip-steps", action="store_true",
