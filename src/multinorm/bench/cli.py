@@ -50,9 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slow-rounds", type=int, default=None,
                    help="rounds for a step that takes over --slow-step seconds (default 3; --quick 2)")
     p.add_argument("--slow-step", type=float, default=1.0, help="seconds above which a step counts as slow (default 1)")
-    p.add_argument("--max-step", type=float, default=40.0,
-                   help="seconds (default 40): a method whose warm-up step takes longer is reported from that one "
-                        "step, without rounds; one that a step on shapes / 8 predicts at over 10x this is skipped")
+    p.add_argument("--max-step", type=float, default=15.0,
+                   help="seconds (default 15): a method whose warm-up step takes longer is timed by that step "
+                        "alone, in one round; one that a step on shapes / 8 predicts at over 10x this is skipped")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds each measurement runs its statement, after warm-up (torch.utils.benchmark "
                         "blocked_autorange; default 0.2; --quick 0.01)")

@@ -225,10 +225,11 @@ def bench_setting(setting: str, device: torch.device, dtype: torch.dtype, method
 
     Per method: a step on shapes shrunk by PROBE_SHRINK predicts the step time, and a method predicted
     over 10 x ``args.max_step`` seconds is skipped (e.g. bf16 Newton-Schulz on a CPU without bf16 units);
-    then warm-up step(s), and a method whose warm-up step took over ``args.max_step`` is reported from
-    that step alone; then one untimed step under the memory tracker and the host-sync counter; then
+    then warm-up step(s); one untimed step under the memory tracker and the host-sync counter; then
     ``args.rounds`` interleaved rounds with the reference (``args.slow_rounds`` when the warm-up step took
-    over ``args.slow_step`` seconds), plus a square matmul for methods with a compute floor.
+    over ``args.slow_step`` seconds), plus a square matmul for methods with a compute floor. A method
+    whose warm-up step took over ``args.max_step`` is timed by that step alone, in one round with the
+    reference and the matmul measured right after it (SWAN on the 1b block on most CPUs).
     """
     params = make_params(setting, device, dtype, args.quick)
     common = {"setting": setting, "device": device.type, "dtype": _dtype_name(dtype),
@@ -274,32 +275,36 @@ def _bench_method(name: str, ref: str, ref_opt: torch.optim.Optimizer, params: l
             return {"optimizer_step": [{"method": name, "baseline": ref, "note": note}]}
     opt = ref_opt if name == ref else make_optimizer(base, params)
     step = _compiled_step(opt) if compiled else opt.step
-    warm = _timed_step(step, device, 2 if base in PROJECTOR_WARMUP else 1)
+    # galore/fira: the first step computes SVD projectors; compiled steps: the first call compiles
+    warm = _timed_step(step, device, 2 if base in PROJECTOR_WARMUP or compiled else 1)
     if base in PROJECTOR_WARMUP:
         notes.append("first step (SVD projectors) excluded")
-    if warm > args.max_step and name != ref:
-        notes.append(f"not timed in rounds: one warm-up step took {warm:.0f} s (over --max-step {args.max_step:g})")
-        return {"optimizer_step": [{"method": name, "baseline": ref, "rounds": 0, "step_ms": 1e3 * warm,
-                                    "state_bytes": optimizer_state_bytes(opt), "note": "; ".join(notes)}]}
+    one_step = warm > args.max_step and name != ref
     peak = syncs = None
     memory_method = ""
-    if compiled:
+    if one_step:
+        notes.append(f"one round: the method's time is its warm-up step ({warm:.0f} s, over --max-step "
+                     f"{args.max_step:g}); memory and syncs not probed")
+    elif compiled:
         notes.append("torch.compile'd step; memory and syncs not probed")
     else:
         with HostSyncCounter() as counter:
             peak, memory_method = peak_extra_bytes(step, [params, [p.grad for p in params], opt.state], device)
         syncs = counter.count
-    rounds = args.rounds
-    if warm > args.slow_step:
+    rounds = 1 if one_step else args.rounds
+    if warm > args.slow_step and not one_step:
         rounds = args.slow_rounds
         notes.append(f"{rounds} rounds (step over {args.slow_step:g} s)")
-    fns = {ref: ref_opt.step} | ({name: step} if name != ref else {})
+    fns = {ref: ref_opt.step} | ({name: step} if name != ref and not one_step else {})
     floor_flops = COMPUTE_FLOORS.get(name)
     if floor_flops is not None:
         matmul_n = int(statistics.median(min(s) for s in shapes))
         compute_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         fns["matmul"], mm_flops = matmul_callable(matmul_n, device, compute_dtype)
     times = interleave(fns, rounds, args.min_run_time)
+    if one_step:  # the reference (and matmul) measured right after the method's single step
+        times = pd.concat([times, pd.DataFrame([{"round": 0, "name": name, "seconds": warm, "calls": 1}])],
+                          ignore_index=True)
 
     mine, theirs = _stats(times, name), _stats(times, ref)
     ratio = ratio_summary(times, name, ref) if name != ref else {"ratio": 1.0, "ratio_min": 1.0, "ratio_max": 1.0}
