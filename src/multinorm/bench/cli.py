@@ -109,7 +109,8 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
 
 def _update_raw(path: Path, table: str, frames: list[pd.DataFrame]) -> None:
     """Replace the per-round times of one part in raw_times.csv, keeping the other part's."""
-    kept = [] if not path.exists() else [f[f["table"] != table] for f in [pd.read_csv(path)]]
+    previous = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    kept = [previous[previous["table"] != table]] if "table" in previous else []
     new = [f.assign(table=table) for f in frames]
     _write_csv(_frame(pd.concat(kept + new, ignore_index=True) if kept + new else [], RAW_COLUMNS), path)
 
