@@ -33,7 +33,7 @@ smoke: $(STAMP) ## run every notebook with tiny parameters into a temporary fold
 figures: $(STAMP) ## re-run every study notebook (SCALE=default|quick) and regenerate figures/ and README tables
 	$(PY) -m multinorm.studies figures --scale $(SCALE)
 
-bench: $(STAMP) ## optimizer-step benchmark -> results/bench/optimizer_step.csv
+bench: $(STAMP) ## benchmark: optimizer steps vs AdamW, compute/bandwidth floors, nano training -> results/bench/
 	$(PY) -m multinorm.bench --out results/bench
 
 demo: $(STAMP) ## a short training run: nano LLaMA, wiki-sample, AdamW

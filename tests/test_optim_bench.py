@@ -1,17 +1,21 @@
-"""multinorm.bench: the memory tracker and a small end-to-end run."""
+"""multinorm.bench: measurement primitives, floors, targets, and a quick end-to-end run."""
 
 from __future__ import annotations
 
-import csv
+import math
 
+import pandas as pd
 import pytest
 import torch
 
 from multinorm import bench
-from multinorm.optim import SinkGD
-
+from multinorm.bench.targets import evaluate_targets, summary_markdown
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# measurement primitives
 
 
 def test_peak_extra_bytes_sees_transient_buffers_only():
@@ -26,40 +30,209 @@ def test_peak_extra_bytes_sees_transient_buffers_only():
     peak, method = bench.peak_extra_bytes(two_live_buffers, [x], torch.device("cpu"))
     assert "dispatch" in method
     assert 2 * 256 * 256 * 4 <= peak < 2 * 256 * 256 * 4 + 1024
-    # SinkGD's step keeps one float32 buffer of the largest gradient (plus vectors)
-    params = [torch.nn.Parameter(torch.randn(s)) for s in [(64, 64), (300, 128)]]
-    for p in params:
-        p.grad = torch.randn_like(p)
-    opt = SinkGD(params)
-    peak, _ = bench.peak_extra_bytes(opt.step, [params, [p.grad for p in params], opt.state], torch.device("cpu"))
-    assert 300 * 128 * 4 <= peak < 300 * 128 * 4 + 16 * 1024
+    peak, _ = bench.peak_extra_bytes(lambda: x.mul_(1.0), [x], torch.device("cpu"))  # in place: nothing new
+    assert peak == 0
 
 
-def test_micro_run_writes_csv_and_reports_targets(tmp_path, capsys):
-    rows = bench.main(["--settings", "micro", "--repeats", "1", "--out", str(tmp_path)])
-    names = {r.method for r in rows}
-    assert {"adamw-foreach", "sinkgd", "swan", "swan-nsds", "galore", "apollo-mini"} <= names
-    with open(tmp_path / "optimizer_step.csv") as f:
-        table = list(csv.DictReader(f))
-    assert len(table) == len(rows)
-    sink = next(r for r in table if r["method"] == "sinkgd")
-    assert sink["hidden_state_bytes"] == "0" and float(sink["ratio"]) > 0 and sink["device"] == "cpu"
-    assert next(r for r in table if r["method"] == "adamw-foreach")["ratio"] == "1.0000"
+def test_host_sync_counter_counts_item_and_bool():
+    x = torch.randn(8)
+
+    def syncs_twice():
+        value = x.sum().item()
+        if x.max() > value:  # bool(tensor)
+            pass
+
+    assert bench.count_host_syncs(syncs_twice) == 2
+    assert bench.count_host_syncs(lambda: torch.where(x > 0, x, x.mean()).mul_(2)) == 0
+    with bench.HostSyncCounter() as counter:
+        float(x[0])
+        int(x.argmax())
+    assert counter.count == 2
+
+
+def test_interleave_alternates_the_callables_round_by_round():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = bench.interleave(fns, rounds=3, min_run_time=1e-4)
+    runs = [name for i, name in enumerate(calls) if i == 0 or calls[i - 1] != name]  # collapse repeats
+    assert runs == ["a", "b"] * 3
+    assert list(times.columns) == ["round", "name", "seconds", "calls"]
+    assert times.groupby("round")["name"].apply(list).tolist() == [["a", "b"]] * 3
+    assert (times["seconds"] > 0).all() and (times["calls"] >= 1).all()
+
+
+def test_ratio_summary_takes_ratios_within_rounds():
+    # B is twice A in rounds 0 and 2 and four times A in round 1, while the machine slows down 10x;
+    # the ratio of medians over all times would be 2.5 instead
+    times = pd.DataFrame({"round": [0, 0, 1, 1, 2, 2], "name": ["a", "b"] * 3,
+                          "seconds": [1.0, 2.0, 10.0, 40.0, 100.0, 200.0]})
+    assert bench.ratio_summary(times, "b", "a") == {"ratio": 2.0, "ratio_min": 2.0, "ratio_max": 4.0}
+    assert bench.ratio_summary(times, "a", "b", scale=4.0)["ratio"] == 2.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# floors
+
+
+def test_swan_flops_counts_gram_newton_schulz_and_product():
+    # s = 2, l = 3: Gram 2*4*3 + product 2*4*3 + 1 step of three 2x2x2 products 6*8
+    assert bench.swan_flops([(2, 3)], ns_steps=1) == 24 + 24 + 48
+    assert bench.swan_flops([(3, 2)], ns_steps=1) == bench.swan_flops([(2, 3)], ns_steps=1)
+    assert bench.swan_flops([(2, 3), (4, 4)], ns_steps=0) == 48 + 4 * 16 * 4
+
+
+def test_traffic_counts_the_passes_of_each_method():
+    p32 = torch.nn.Parameter(torch.zeros(10, 10))
+    p32.grad = torch.zeros(10, 10)
+    pbf = torch.nn.Parameter(torch.zeros(10, 10, dtype=torch.bfloat16))
+    pbf.grad = torch.zeros(10, 10, dtype=torch.bfloat16)
+    assert bench.traffic("adamw-foreach", [p32])[0] == 7 * 4 * 100
+    assert bench.traffic("adamw-fused", [p32, pbf])[0] == 7 * 4 * 100 + 7 * 2 * 100
+    assert bench.traffic("sgd", [p32])[0] == 3 * 4 * 100
+    # L = 5: grad r + fp32 square w; 10 reads of the square; grad r + param r/w
+    assert bench.traffic("sinkgd", [p32])[0] == (4 + 4 + 10 * 4 + 4 + 8) * 100
+    assert bench.traffic("sinkgd", [pbf])[0] == (2 + 4 + 10 * 4 + 2 + 4) * 100
+    assert "10 mat-vec" in bench.traffic("sinkgd", [p32])[1]
+    assert bench.traffic("swan", [p32]) is None
+
+
+def test_slow_methods_are_skipped_or_timed_by_one_step(monkeypatch):
+    from multinorm.bench import steps
+
+    args = bench.parse_args(["--quick", "--max-step", "0"])
+    cpu, fp32 = torch.device("cpu"), torch.float32
+
+    def run():
+        return steps.bench_setting("block-1b", cpu, fp32, ["adamw-foreach", "sgd", "swan"], args, None,
+                                   lambda msg: None)
+
+    out = run()
+    skipped = {r["method"]: r for r in out["optimizer_step"]}["sgd"]  # any predicted time is over 10 x 0 s
+    assert skipped["note"].startswith("skipped") and "step_ms" not in skipped and not out["compute_floor"]
+    monkeypatch.setattr(steps, "predicted_step", lambda *a: 0.0)
+    out = run()
+    found = {r["method"]: r for r in out["optimizer_step"]}
+    [floor] = out["compute_floor"]
+    assert floor["method"] == "swan" and floor["rounds"] == 1 and floor["ratio"] > 0
+    one_step = found["sgd"]  # its warm-up step took over 0 s
+    assert one_step["rounds"] == 1 and one_step["step_ms"] > 0 and one_step["ratio"] > 0
+    assert "warm-up step" in one_step["note"] and one_step["peak_extra_bytes"] is None
+    assert found["adamw-foreach"]["rounds"] == args.rounds  # the reference is always timed in rounds
+
+
+# ------------------------------------------------------------------------------------------------------------
+# targets
+
+
+def _tables(sink_ratio=0.4, micro_ratio=0.9, syncs=(0, 0), floor=(1.1, None), tokens_ratio=1.02):
+    step = pd.DataFrame([
+        {"setting": "block-1b", "device": "cpu", "dtype": "float32", "method": "sinkgd",
+         "baseline": "adamw-foreach", "ratio": sink_ratio, "host_syncs": syncs[0]},
+        {"setting": "micro", "device": "cpu", "dtype": "float32", "method": "sinkgd",
+         "baseline": "adamw-foreach", "ratio": micro_ratio, "host_syncs": syncs[1]},
+        {"setting": "micro", "device": "cpu", "dtype": "float32", "method": "swan",
+         "baseline": "adamw-foreach", "ratio": 30.0, "host_syncs": 5},
+        {"setting": "block-1b", "device": "cuda", "dtype": "bfloat16", "method": "sinkgd",
+         "baseline": "adamw-fused", "ratio": float("nan"), "host_syncs": None},
+    ])
+    floors = pd.DataFrame([{"setting": s, "device": "cpu", "dtype": "float32", "method": "swan", "ratio": r}
+                           for s, r in zip(("micro", "block-1b"), floor) if r is not None])
+    train = pd.DataFrame([{"model": "nano", "device": "cpu", "dtype": "float32", "optimizer": "sinkgd",
+                           "baseline": "adamw", "tokens_per_s": 5000.0, "ratio": tokens_ratio, "ratio_min": 0.9,
+                           "ratio_max": 1.1}])
+    return {"optimizer_step": step, "compute_floor": floors, "train_throughput": train}
+
+
+def test_targets_status_from_synthetic_tables():
+    targets = evaluate_targets(_tables())
+    assert list(targets.columns) == ["target", "measured", "threshold", "status"]
+    assert len(targets) == len(bench.TARGETS) == 7
+    status = dict(zip(targets["target"], targets["status"]))
+    measured = dict(zip(targets["target"], targets["measured"]))
+    names = [t.name for t in bench.TARGETS]
+    assert [status[n] for n in names] == ["met", "not met", "met", "not measured", "met", "met", "not measured"]
+    assert measured[names[0]] == 0.4 and math.isnan(measured[names[3]])
+    assert targets["threshold"].tolist()[:2] == ["<= 0.5", "<= 0.8"]
+
+
+def test_targets_edges_and_worst_sync_count():
+    names = [t.name for t in bench.TARGETS]
+    status = dict(zip(names, evaluate_targets(_tables(sink_ratio=0.5, tokens_ratio=0.99, syncs=(0, 3)))["status"]))
+    assert status[names[0]] == "met"  # the threshold itself meets "<="
+    assert status[names[4]] == "not met"
+    assert status[names[5]] == "not met"  # the largest count over the settings decides
+    empty = evaluate_targets({})
+    assert (empty["status"] == "not measured").all()
+
+
+def test_summary_markdown_lists_targets_and_profile():
+    profile = pd.DataFrame([{"model": "nano", "device": "cpu", "dtype": "float32", "batch_size": 8, "seq_len": 256,
+                             "optimizer": opt, "phase": phase, "ms_per_step": ms, "fraction": ms / 100}
+                            for opt in ("adamw", "sinkgd") for phase, ms in (("forward", 60.0), ("backward", 40.0))])
+    tables = _tables() | {"train_profile": profile}
+    text = summary_markdown(tables, evaluate_targets(tables), {"cpu": "Test CPU", "quick": True})
+    assert "Test CPU" in text and "Quick run" in text
+    assert "| backward | 40.0 ms (40%) | 40.0 ms (40%) |" in text
+    assert text.count("not measured") == 2
+    assert "cpu float32 sinkgd 5,000 (1.020x adamw, 0.900-1.100)" in text
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def test_bad_arguments_are_rejected(tmp_path):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--settings", "block-2b"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--methods", "adamw,lion"])
+    with pytest.raises(SystemExit, match="no benchmark tables"):
+        bench.main(["--targets-only", "--out", str(tmp_path)])
+
+
+def test_quick_run_writes_every_table(tmp_path, capsys):
+    targets = bench.main(["--quick", "--out", str(tmp_path)])
     out = capsys.readouterr().out
-    assert "zero optimizer-state bytes for hidden matrices under sinkgd: 0 B" in out and "-> met" in out
+    assert "targets (quick run" in out
+    expected = {
+        "optimizer_step": {"setting", "device", "dtype", "threads", "method", "baseline", "rounds", "step_ms",
+                           "ratio", "ratio_min", "ratio_max", "state_bytes", "peak_extra_bytes", "host_syncs"},
+        "compute_floor": {"setting", "method", "gflop", "matmul_n", "matmul_gflops", "floor_ms", "step_ms", "ratio",
+                          "ratio_min", "ratio_max"},
+        "bandwidth": {"setting", "method", "accounting", "bytes", "step_ms", "achieved_gbs", "machine_gbs",
+                      "fraction", "floor_ms"},
+        "train_throughput": {"model", "optimizer", "batch_size", "seq_len", "tokens_per_s", "ratio", "ratio_min",
+                             "ratio_max"},
+        "train_profile": {"optimizer", "phase", "ms_per_step", "fraction"},
+        "raw_times": {"table", "comparison", "round", "name", "seconds"},
+        "targets": {"target", "measured", "threshold", "status"},
+    }
+    tables = {name: pd.read_csv(tmp_path / f"{name}.csv") for name in expected}
+    for name, columns in expected.items():
+        assert columns <= set(tables[name].columns), name
+        assert len(tables[name]) > 0, name
 
+    step = tables["optimizer_step"]
+    cpu = step[step["device"] == "cpu"]
+    assert set(cpu["setting"]) == {"block-1b", "micro"}
+    assert {"adamw-foreach", "sinkgd", "swan"} <= set(cpu["method"])
+    assert (cpu["baseline"] == "adamw-foreach").all()
+    assert (cpu["ratio_min"] <= cpu["ratio"]).all() and (cpu["ratio"] <= cpu["ratio_max"]).all()
+    assert (cpu.loc[cpu["method"] == "adamw-foreach", "ratio"] == 1).all()
+    assert (cpu.loc[cpu["method"] == "sinkgd", "state_bytes"] == 0).all()
+    assert (cpu["host_syncs"] >= 0).all()
+    if not torch.cuda.is_available():
+        assert (step.loc[step["device"] == "cuda", "note"] == "not measured: no CUDA device").all()
+    assert set(tables["compute_floor"]["method"]) == {"swan"}
+    assert {"adamw-foreach", "sgd", "sinkgd"} <= set(tables["bandwidth"]["method"])
+    assert set(tables["train_throughput"]["optimizer"]) >= {"adamw", "sinkgd"}
+    for _, frame in tables["train_profile"].groupby("optimizer"):
+        assert set(frame["phase"]) == {"data", "forward", "backward", "optimizer", "evaluation", "other"}
+        assert frame["fraction"].sum() == pytest.approx(1.0, abs=1e-4)  # the CSV keeps 6 digits
+    assert len(targets) == 7 and set(targets["status"]) <= {"met", "not met", "not measured"}
+    if not torch.cuda.is_available():
+        assert targets["status"].iloc[-1] == "not measured"
+    assert (tmp_path / "environment.json").exists() and "Targets" in (tmp_path / "readme_bench.md").read_text()
 
-def test_csv_round_trip_and_targets(tmp_path):
-    from multinorm.bench import BenchRow, read_csv, write_csv, write_targets
-
-    def row(setting, method, ms, ratio=None, hidden=None):
-        return BenchRow(setting, method, "cpu", "float32", 1, ms, 3, ratio, "adamw-foreach", None, hidden, None, "", "")
-
-    rows = [row("block-1b", "adamw-foreach", 100.0, 1.0, 400), row("block-1b", "sinkgd", 130.0, 1.3, 0),
-            row("kernel", "sr-sinkhorn-fast", 10.0), row("kernel", "sr-sinkhorn-alternating", 50.0),
-            row("micro", "swan", 5.0, 2.0, 0), row("micro", "swan-nsds", 4.0, 1.5, 8)]
-    write_csv(rows, tmp_path / "optimizer_step.csv")
-    assert read_csv(tmp_path / "optimizer_step.csv") == rows
-    statuses = [t["status"] for t in write_targets(rows, tmp_path)]
-    assert statuses == ["NOT met", "met", "met", "met", "NOT met"]  # 1.3x AdamW; 5x; 0 B; 0 B; 8 B
-    assert (tmp_path / "targets.csv").read_text().count("\n") == 6
+    again = bench.main(["--targets-only", "--out", str(tmp_path)])
+    assert again["status"].tolist() == targets["status"].tolist()

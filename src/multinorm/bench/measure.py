@@ -1,0 +1,254 @@
+"""Measurement primitives: interleaved timing, host-sync counting, transient memory, machine rates.
+
+Timing uses ``torch.utils.benchmark.Timer.blocked_autorange``, which warms the statement up, runs it in
+blocks for at least ``min_run_time`` seconds and synchronizes CUDA around each block; the median time per
+call of one such measurement is one *round's* time. Comparisons run their callables in alternation,
+A B A B ..., so slow drifts of a shared machine (other jobs, clock changes) hit both sides of a ratio
+alike, and each ratio is taken within one round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils import benchmark
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+__all__ = ["interleave", "ratio_summary", "HostSyncCounter", "count_host_syncs", "peak_extra_bytes",
+           "memory_bandwidth", "matmul_callable", "environment"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# timing
+
+
+def interleave(fns: Mapping[str, Callable[[], object]], rounds: int, min_run_time: float) -> pd.DataFrame:
+    """Time every callable once per round, in the order given, for ``rounds`` rounds.
+
+    Returns one row per (round, name): ``seconds`` (median per call of one ``blocked_autorange``) and
+    ``calls`` (timed calls behind it; each measurement also makes at least one untimed warm-up call).
+    """
+    threads = torch.get_num_threads()  # Timer would otherwise pin its statement to one thread
+    timers = {name: benchmark.Timer("fn()", globals={"fn": fn}, num_threads=threads, label=name)
+              for name, fn in fns.items()}
+    rows = []
+    for r in range(rounds):
+        for name, timer in timers.items():
+            m = timer.blocked_autorange(min_run_time=min_run_time)
+            rows.append({"round": r, "name": name, "seconds": m.median, "calls": m.number_per_run * len(m.times)})
+    return pd.DataFrame(rows, columns=["round", "name", "seconds", "calls"])
+
+
+def ratio_summary(times: pd.DataFrame, num: str, den: str, scale: float = 1.0) -> dict[str, float]:
+    """Median, min and max over rounds of ``scale * seconds[num] / seconds[den]``, each ratio taken within
+    one round of :func:`interleave`."""
+    wide = times.pivot(index="round", columns="name", values="seconds")
+    ratio = scale * wide[num] / wide[den]
+    return {"ratio": float(ratio.median()), "ratio_min": float(ratio.min()), "ratio_max": float(ratio.max())}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# host syncs and transient memory
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense`` calls under the mode: the op behind ``.item()``, ``bool(t)``,
+    ``int(t)`` and ``float(t)`` on a tensor, each of which makes the host wait for the device. (Device-to-
+    host copies such as ``t.cpu()`` also wait, but are other ops and are not counted.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_syncs(fn: Callable[[], object]) -> int:
+    """Host syncs (see :class:`HostSyncCounter`) during one call of ``fn``."""
+    with HostSyncCounter() as counter:
+        fn()
+    return counter.count
+
+
+class _AllocationTracker(TorchDispatchMode):
+    """Peak bytes of tensor storages created under this mode and alive at the same time.
+
+    Every aten op's outputs are inspected; a storage not among ``existing`` (parameters, gradients,
+    optimizer state) is new and counted until it is freed (checked through weak references before each
+    op). Scratch memory that libraries allocate outside torch tensors (LAPACK/BLAS workspaces) is not seen.
+    """
+
+    def __init__(self, existing: set[int]):
+        super().__init__()
+        self.existing = existing
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = self.peak = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for key, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.current -= nbytes
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self.existing and key not in self.live:
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                    self.current += storage.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def _tensors_in(obj, seen: set[int] | None = None, depth: int = 0) -> list[torch.Tensor]:
+    """Tensors reachable from obj through containers and object attributes (e.g. state projectors)."""
+    seen = set() if seen is None else seen
+    if depth > 8 or id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple, set)):
+        items = list(obj)
+    elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+        items = list(vars(obj).values())
+    else:
+        return []
+    return [t for item in items for t in _tensors_in(item, seen, depth + 1)]
+
+
+def peak_extra_bytes(fn: Callable[[], object], roots: object, device: torch.device) -> tuple[int, str]:
+    """Peak memory that one call of ``fn`` allocates on top of what exists, and how it was measured.
+
+    On CPU a dispatch mode tracks the storages that the call creates until they are freed (torch exposes
+    no CPU allocator statistics, and the process RSS misses buffers that malloc recycles); tensors reachable
+    from ``roots`` already exist and are not counted. On CUDA it is ``max_memory_allocated`` over the call
+    minus ``memory_allocated`` before it.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
+    existing = {t.untyped_storage().data_ptr() for t in _tensors_in(roots)}
+    tracker = _AllocationTracker(existing)
+    with tracker:
+        fn()
+    return tracker.peak, "live torch storages (dispatch mode)"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# machine rates
+
+
+def memory_bandwidth(device: torch.device, nbytes: int, threads: int, min_run_time: float) -> dict[str, float]:
+    """Sustained memory bandwidth in bytes/s over ``nbytes`` float32 tensors, with ``threads`` torch threads,
+    of three streams: ``read`` (a sum; nbytes moved), ``copy`` (into a second tensor; 2 nbytes) and
+    ``axpy`` (``y += a x`` in place: two reads and a write, 3 nbytes; the access pattern of an SGD step).
+    The tensors should be much larger than the last-level cache. One core's bandwidth is bounded by the
+    cache misses it keeps in flight, so a fused kernel over more streams can beat all three."""
+    x = torch.ones(nbytes // 4, device=device)
+    y = torch.ones_like(x)
+    out = {}
+    for kind, stmt, moved in (("read", "x.sum()", nbytes), ("copy", "y.copy_(x)", 2 * nbytes),
+                              ("axpy", "y.add_(x, alpha=0.5)", 3 * nbytes)):
+        timer = benchmark.Timer(stmt, globals={"x": x, "y": y}, num_threads=threads)
+        out[kind] = moved / timer.blocked_autorange(min_run_time=min_run_time).median
+    return out
+
+
+def matmul_callable(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], object], float]:
+    """A square ``n x n`` matmul into a preallocated output, and its FLOPs (2 n^3)."""
+    g = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=g, device=device, dtype=dtype) for _ in range(2))
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    return (lambda: torch.mm(a, b, out=c)), 2.0 * n**3
+
+
+# ------------------------------------------------------------------------------------------------------------
+# environment
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _build_setting(config: str, key: str) -> str | None:
+    """A ``KEY=value`` entry of ``torch.__config__.show()`` (e.g. BLAS_INFO)."""
+    found = re.search(rf"\b{key}=([^,\s]+)", config)
+    return found.group(1) if found else None
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(argv: list[str] | None = None) -> dict:
+    """Where and with what the benchmark ran (``argv``: its arguments): CPU, cores, threads, versions,
+    BLAS, GPU, load, date."""
+    config = torch.__config__.show()
+    env = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(["python -m multinorm.bench", *(sys.argv[1:] if argv is None else argv)]),
+        "git_commit": _git_commit(),
+        "cpu": _cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "physical_cores": psutil.cpu_count(logical=False),
+        "logical_cores": psutil.cpu_count(logical=True),
+        "available_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "memory_bytes": psutil.virtual_memory().total,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch_interop_threads": torch.get_num_interop_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "blas": _build_setting(config, "BLAS_INFO"),
+        "lapack": _build_setting(config, "LAPACK_INFO"),
+        "torch_config": config.strip().splitlines(),
+        "parallel_info": torch.__config__.parallel_info().strip().splitlines(),
+        "gpu": None,
+    }
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        env.update(gpu=props.name, gpu_memory_bytes=props.total_memory, cuda=torch.version.cuda,
+                   tf32_matmul=torch.backends.cuda.matmul.allow_tf32)
+    return env
+
+
+def dump_json(obj: dict) -> str:
+    return json.dumps(obj, indent=2, default=str) + "\n"

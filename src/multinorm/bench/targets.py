@@ -1,0 +1,133 @@
+"""The performance targets, evaluated from the benchmark's CSV tables, and the README summary.
+
+Targets are reported, never enforced: a target that is not met, or not measured on this machine (e.g.
+the GPU row without CUDA), is a line in ``targets.csv``, not a failed run.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+__all__ = ["Target", "TARGETS", "TABLES", "evaluate_targets", "read_tables", "summary_markdown"]
+
+# file stem -> what it holds (every table the targets or the summary read)
+TABLES = ("optimizer_step", "compute_floor", "bandwidth", "train_throughput", "train_profile")
+_OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
+
+
+@dataclass(frozen=True)
+class Target:
+    """``column`` of the rows of ``table`` matching ``where``, compared with ``threshold`` by ``op``.
+    ``reduce`` picks the value among several matching rows ("first" or "max")."""
+
+    name: str
+    table: str
+    where: Mapping[str, object]
+    column: str
+    op: str
+    threshold: float
+    reduce: str = "first"
+
+
+_CPU = {"device": "cpu", "dtype": "float32"}
+TARGETS = (
+    Target("SinkGD step / AdamW(foreach) step, 1b block, CPU fp32", "optimizer_step",
+           {"setting": "block-1b", **_CPU, "method": "sinkgd", "baseline": "adamw-foreach"}, "ratio", "<=", 0.50),
+    Target("SinkGD step / AdamW(foreach) step, micro hidden matrices, CPU fp32", "optimizer_step",
+           {"setting": "micro", **_CPU, "method": "sinkgd", "baseline": "adamw-foreach"}, "ratio", "<=", 0.80),
+    Target("SWAN step / its compute floor, micro hidden matrices, CPU fp32", "compute_floor",
+           {"setting": "micro", **_CPU, "method": "swan"}, "ratio", "<=", 1.3),
+    Target("SWAN step / its compute floor, 1b block, CPU fp32", "compute_floor",
+           {"setting": "block-1b", **_CPU, "method": "swan"}, "ratio", "<=", 1.3),
+    Target("training tokens/s SinkGD / AdamW, nano, CPU", "train_throughput",
+           {"model": "nano", "device": "cpu", "optimizer": "sinkgd", "baseline": "adamw"}, "ratio", ">=", 1.0),
+    Target("host syncs inside one SinkGD step (most over the settings measured)", "optimizer_step",
+           {"method": "sinkgd"}, "host_syncs", "==", 0, reduce="max"),
+    Target("SinkGD step / AdamW(fused) step, 1b block, GPU bf16", "optimizer_step",
+           {"setting": "block-1b", "device": "cuda", "dtype": "bfloat16", "method": "sinkgd",
+            "baseline": "adamw-fused"}, "ratio", "<=", 1.0),
+)
+
+
+def _measured(target: Target, tables: Mapping[str, pd.DataFrame]) -> float | None:
+    frame = tables.get(target.table)
+    if frame is None or frame.empty or target.column not in frame:
+        return None
+    mask = pd.Series(True, index=frame.index)
+    for key, value in target.where.items():
+        if key not in frame:
+            return None
+        mask &= frame[key] == value
+    values = pd.to_numeric(frame.loc[mask, target.column], errors="coerce").dropna()
+    if values.empty:
+        return None
+    return float(values.max() if target.reduce == "max" else values.iloc[0])
+
+
+def evaluate_targets(tables: Mapping[str, pd.DataFrame], targets=TARGETS) -> pd.DataFrame:
+    """One row per target: ``target, measured, threshold, status`` (met / not met / not measured)."""
+    rows = []
+    for t in targets:
+        value = _measured(t, tables)
+        status = "not measured" if value is None else ("met" if _OPS[t.op](value, t.threshold) else "not met")
+        rows.append({"target": t.name, "measured": value, "threshold": f"{t.op} {t.threshold:g}", "status": status})
+    return pd.DataFrame(rows, columns=["target", "measured", "threshold", "status"])
+
+
+def read_tables(out: Path) -> dict[str, pd.DataFrame]:
+    """The benchmark CSVs present in ``out``, by stem."""
+    return {name: pd.read_csv(out / f"{name}.csv") for name in TABLES if (out / f"{name}.csv").exists()}
+
+
+# ------------------------------------------------------------------------------------------------------------
+# README summary
+
+
+def _table(frame: pd.DataFrame) -> str:
+    from ..report import markdown_table
+
+    return markdown_table(frame)
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None or pd.isna(value) else format(value, spec)
+
+
+def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, env: Mapping | None) -> str:
+    """A short markdown summary (targets, training-step profile, throughput) for a README section."""
+    env = env or {}
+    lines = ["<!-- written by `python -m multinorm.bench`; edits are overwritten -->"]
+    if env.get("quick"):
+        lines.append("**Quick run (tiny sizes): these numbers do not measure the targets.**\n")
+    lines.append(f"Measured {env.get('date', '?')} on {env.get('cpu', '?')} ({env.get('torch_threads', '?')} torch "
+                 f"thread(s); GPU: {env.get('gpu') or 'none'}), torch {env.get('torch', '?')}. Ratios are medians "
+                 f"of per-round ratios of interleaved measurements; ranges are min-max over rounds.\n")
+    shown = targets.assign(measured=[_fmt(v, ".3g") for v in targets["measured"]])
+    lines += ["**Targets**\n", _table(shown), ""]
+    profile = tables.get("train_profile")
+    for _, part in ([] if profile is None else profile.groupby(["device", "dtype"], sort=False)):
+        first = part.iloc[0]
+        cell = part.assign(cell=[f"{ms:.1f} ms ({100 * f:.0f}%)"
+                                 for ms, f in zip(part["ms_per_step"], part["fraction"])])
+        wide = cell.pivot_table(index="phase", columns="optimizer", values="cell", aggfunc="first", sort=False)
+        lines += [f"**Where a `{first['model']}` training step spends its time** ({first['batch_size']} x "
+                  f"{first['seq_len']} tokens, {first['device']} {first['dtype']}; evaluation amortized over its "
+                  f"interval; torch.profiler)\n", _table(wide.reset_index()), ""]
+    bandwidth = tables.get("bandwidth")
+    if bandwidth is not None and not bandwidth.empty:
+        shown = bandwidth.assign(MB=bandwidth["bytes"] / 1e6)[
+            ["setting", "device", "dtype", "method", "MB", "step_ms", "floor_ms", "achieved_gbs", "machine_gbs",
+             "fraction"]]
+        lines += ["**Bytes a step must move** (floor_ms: those bytes at the best memory bandwidth measured with the "
+                  "same threads, machine_gbs; the accounting is in bandwidth.csv)\n", _table(shown), ""]
+    throughput = tables.get("train_throughput")
+    if throughput is not None and not throughput.empty:
+        parts = [f"{r.device} {r.dtype} {r.optimizer} {r.tokens_per_s:,.0f} ({_fmt(r.ratio, '.3f')}x {r.baseline}, "
+                 f"{_fmt(r.ratio_min, '.3f')}-{_fmt(r.ratio_max, '.3f')})" for r in throughput.itertuples()]
+        lines += ["**Training tokens/s**: " + "; ".join(parts) + ".", ""]
+    return "\n".join(lines).rstrip() + "\n"

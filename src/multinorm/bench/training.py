@@ -1,0 +1,152 @@
+"""Training-step benchmark at ``nano``: tokens/s per optimizer (interleaved) and where a step's time goes.
+
+The loop mirrors the trainer's step (:func:`multinorm.train.train`) with the same public pieces --
+``load_data``, ``build_model``, ``build_optimizer`` -- and the studies' defaults: batch 8 x 256 tokens,
+vocabulary 4096, a 16,384-token validation set evaluated every 16 steps. One step: fetch the batch,
+forward, backward, read the loss (the trainer logs it every step), optimizer step, ``zero_grad``, LR
+scheduler step. Every optimizer trains its own copy of the model (same seed) on the same batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from ..llama import build_model
+from ..optim import build_optimizer
+from .measure import interleave, ratio_summary
+
+__all__ = ["TrainSetup", "make_loops", "train_throughput", "train_profile", "PHASES",
+           "THROUGHPUT_COLUMNS", "PROFILE_COLUMNS"]
+
+PHASES = ("data", "forward", "backward", "optimizer", "evaluation")
+LABEL = "bench:"  # prefix of the profiler ranges, so no other range shares their names
+THROUGHPUT_COLUMNS = ["model", "device", "dtype", "threads", "batch_size", "seq_len", "optimizer", "baseline",
+                      "rounds", "step_ms", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "ratio",
+                      "ratio_min", "ratio_max", "note"]
+PROFILE_COLUMNS = ["model", "device", "dtype", "threads", "batch_size", "seq_len", "optimizer", "phase",
+                   "ms_per_step", "fraction", "steps_profiled"]
+
+
+@dataclass
+class TrainSetup:
+    model: str = "nano"
+    dataset: str = "wiki-sample"
+    vocab_size: int = 4096
+    batch_size: int = 8
+    seq_len: int = 256
+    eval_tokens: int = 16_384
+    eval_batch_size: int = 16
+    eval_interval: int = 16
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class Loop:
+    """One optimizer's training step and evaluation, each closing over its own model."""
+
+    optimizer: str
+    step: Callable[[], None]
+    evaluate: Callable[[], None]
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":  # so that each phase's range covers its GPU work
+        torch.cuda.synchronize(device)
+
+
+def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch.device,
+               dtype: torch.dtype) -> list[Loop]:
+    """A model, optimizer and scheduler per optimizer name, and closures for one step and one evaluation."""
+    loops = []
+    for name in optimizers:
+        model = build_model(setup.model, data.vocab_size, seed=setup.seed, device=device, dtype=dtype)
+        model.train()
+        opt = build_optimizer(model, name, setup.lr)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        counter = itertools.count()
+
+        def step(model=model, opt=opt, sched=sched, counter=counter):
+            with record_function(LABEL + "data"):
+                ids, labels = data.train_batch(next(counter), setup.batch_size)
+                ids, labels = ids.to(device), labels.to(device)
+            with record_function(LABEL + "forward"):
+                loss = model(input_ids=ids, labels=labels).loss
+                _sync(device)
+            with record_function(LABEL + "backward"):
+                loss.backward()
+                loss.detach().float().item()  # the trainer reads the loss every step
+            with record_function(LABEL + "optimizer"):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                sched.step()
+                _sync(device)
+
+        @torch.no_grad()
+        def evaluate(model=model):
+            with record_function(LABEL + "evaluation"):
+                model.eval()
+                for ids, labels in data.val_batches(setup.eval_batch_size):
+                    model(input_ids=ids.to(device), labels=labels.to(device)).loss.float().item()
+                model.train()
+
+        loops.append(Loop(name, step, evaluate))
+    return loops
+
+
+def _common(setup: TrainSetup, device: torch.device, dtype: torch.dtype) -> dict:
+    return {"model": setup.model, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
+            "threads": torch.get_num_threads(), "batch_size": setup.batch_size, "seq_len": setup.seq_len}
+
+
+def train_throughput(loops: Sequence[Loop], setup: TrainSetup, device: torch.device, dtype: torch.dtype,
+                     rounds: int, min_run_time: float, baseline: str = "adamw") -> tuple[list[dict], pd.DataFrame]:
+    """Tokens/s of each loop's training step, timed in alternation; ratios to ``baseline`` per round."""
+    times = interleave({loop.optimizer: loop.step for loop in loops}, rounds, min_run_time)
+    tokens = setup.batch_size * setup.seq_len
+    rows = []
+    for loop in loops:
+        s = times.loc[times["name"] == loop.optimizer, "seconds"]
+        rate = tokens / s
+        # tokens/s ratio = baseline step time / this step time, within each round
+        ratio = ratio_summary(times, baseline, loop.optimizer) if baseline in times["name"].values else {}
+        rows.append({**_common(setup, device, dtype), "optimizer": loop.optimizer, "baseline": baseline,
+                     "rounds": rounds, "step_ms": float(s.median() * 1e3), "tokens_per_s": float(rate.median()),
+                     "tokens_per_s_min": float(rate.min()), "tokens_per_s_max": float(rate.max()), **ratio,
+                     "note": ""})
+    return rows, times
+
+
+def train_profile(loops: Sequence[Loop], setup: TrainSetup, device: torch.device, dtype: torch.dtype,
+                  steps: int) -> list[dict]:
+    """Per loop: ``steps`` steps and one evaluation under ``torch.profiler`` (after the warm-up that
+    the throughput measurement gave). Evaluation is amortized over ``setup.eval_interval`` steps;
+    ``other`` is the part of a step outside the labelled phases (Python, scheduler bookkeeping)."""
+    rows = []
+    for loop in loops:
+        loop.step()  # warm-up, in case no throughput measurement ran before
+        loop.evaluate()
+        # CPU activity only: every phase ends with a CUDA sync, so its range's wall time covers its GPU work
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                with record_function(LABEL + "step"):
+                    loop.step()
+            loop.evaluate()
+        # cpu_time_total of a record_function range is the wall time spent inside it, in microseconds
+        total = {e.key.removeprefix(LABEL): e.cpu_time_total / 1e3 for e in prof.key_averages()
+                 if e.key.startswith(LABEL)}
+        step_ms = total["step"] / steps
+        ms = {phase: total.get(phase, 0.0) / steps for phase in PHASES if phase != "evaluation"}
+        ms["other"] = max(step_ms - sum(ms.values()), 0.0)
+        ms["evaluation"] = total.get("evaluation", 0.0) / setup.eval_interval
+        whole = step_ms + ms["evaluation"]
+        for phase in (*PHASES, "other"):
+            rows.append({**_common(setup, device, dtype), "optimizer": loop.optimizer, "phase": phase,
+                         "ms_per_step": ms[phase], "fraction": ms[phase] / whole, "steps_profiled": steps})
+    return rows
