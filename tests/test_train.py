@@ -5,8 +5,9 @@ import math
 import os
 
 import pytest
+import torch
 
-from multinorm.train import TrainConfig, lr_factor, main, read_metrics, train
+from multinorm.train import TrainConfig, build_scheduler, main, read_metrics, train
 
 
 def tiny(tmp_path, **overrides):
@@ -22,13 +23,47 @@ def losses(rows):
     return [(r["step"], r["train_loss"], r["val_loss"]) for r in rows]
 
 
-def test_schedule_warms_up_linearly_then_decays_to_ten_percent():
-    assert lr_factor(0, 100) == 0.0
-    assert lr_factor(5, 100) == pytest.approx(0.5)
-    assert lr_factor(10, 100) == pytest.approx(1.0)
-    assert lr_factor(100, 100) == pytest.approx(0.1)
-    values = [lr_factor(s, 100) for s in range(10, 101)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+def reference_lr(step, steps, warmup_frac, min_lr_ratio):
+    """The GaLore benchmark's schedule, written out: linear warm-up from 0, then cosine to min_lr_ratio."""
+    warmup = int(warmup_frac * steps)
+    if step < warmup:
+        return step / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return min_lr_ratio + (1 - min_lr_ratio) * (1 + math.cos(math.pi * progress)) / 2
+
+
+@pytest.mark.parametrize("steps,warmup_frac,min_lr_ratio", [(100, 0.1, 0.1), (37, 0.1, 0.1), (12, 0.25, 0.0),
+                                                             (50, 0.0, 0.3), (7, 0.5, 1.0), (1, 0.1, 0.1)])
+def test_schedule_is_linear_warmup_then_cosine_to_the_min_ratio_at_every_step(steps, warmup_frac, min_lr_ratio):
+    peak = 3e-3
+    weight = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([weight], lr=peak)
+    scheduler = build_scheduler(optimizer, steps, warmup_frac, min_lr_ratio)
+    for step in range(steps + 1):
+        expected = peak * reference_lr(step, steps, warmup_frac, min_lr_ratio)
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, rel=1e-12, abs=1e-18), step
+        optimizer.step()
+        scheduler.step()
+
+
+def test_schedule_state_resumes_exactly(tmp_path):
+    def fresh():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=1e-2)
+        return optimizer, build_scheduler(optimizer, 40, 0.1, 0.1)
+
+    optimizer, scheduler = fresh()
+    lrs = []
+    for step in range(40):
+        if step == 17:  # continue in a new optimizer and scheduler from their saved states, as a resume does
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp_path / "s.pt")
+            optimizer, scheduler = fresh()
+            state = torch.load(tmp_path / "s.pt", weights_only=True)
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1e-2 * reference_lr(s, 40, 0.1, 0.1) for s in range(40)], rel=1e-12)
 
 
 def test_nano_learns_wiki_sample(tmp_path):
@@ -57,6 +92,9 @@ def test_run_record_holds_config_metrics_and_summary(tmp_path):
                 "optimizer_state_bytes", "peak_memory_bytes"):
         assert key in rows[-1]
     assert rows[-1]["optimizer_state_bytes"] > 0  # AdamW keeps two moments
+    # Each line's lr is the one its last step used (step 0: the first step's).
+    assert [r["lr"] for r in rows] == pytest.approx([3e-3 * reference_lr(max(r["step"] - 1, 0), 12, 0.1, 0.1)
+                                                     for r in rows], rel=1e-12)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["final_val_loss"] == rows[-1]["val_loss"]
     assert (run_dir / "checkpoint.pt").exists()

@@ -9,8 +9,10 @@ One run = one folder `results/runs/<run-id>/`:
     checkpoint.pt    model + optimizer + scheduler + step (git-ignored), for `--resume`
 
 Schedule (the GaLore benchmark's): linear warm-up from 0 over the first 10 % of steps, then cosine
-decay to 10 % of the peak learning rate. On CPU a resumed run reproduces the uninterrupted run's
-metrics exactly: batches are a pure function of (seed, step), and the checkpoint holds all state.
+decay to 10 % of the peak learning rate (transformers' cosine-with-min-lr schedule).
+
+On CPU a resumed run reproduces the uninterrupted run's metrics exactly: batches are a pure function
+of (seed, step), and the checkpoint holds all state.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from multinorm import __version__
 from multinorm.data import DATASETS, load_data
@@ -37,7 +40,7 @@ from multinorm.io import atomic_write, parse_assignment
 from multinorm.llama import MODEL_CONFIGS, build_model, count_parameters, split_parameters
 from multinorm.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
 
-__all__ = ["TrainConfig", "RunResult", "train", "lr_factor", "evaluate", "capture_gradients", "read_metrics", "main"]
+__all__ = ["TrainConfig", "RunResult", "train", "build_scheduler", "evaluate", "capture_gradients", "read_metrics", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -143,13 +146,11 @@ class RunResult:
         return read_metrics(self.run_dir)
 
 
-def lr_factor(step: int, total_steps: int, warmup_frac: float = 0.1, min_lr_ratio: float = 0.1) -> float:
-    """Multiplier of the peak lr at `step`: linear warm-up from 0, then cosine to `min_lr_ratio`."""
-    warmup = int(warmup_frac * total_steps)
-    if step < warmup:
-        return step / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def build_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_frac: float = 0.1,
+                    min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over int(warmup_frac * steps) steps, then cosine decay to min_lr_ratio x peak."""
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=int(warmup_frac * steps), num_training_steps=steps, min_lr_rate=min_lr_ratio)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -289,8 +290,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", s
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     steps = cfg.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, cfg.warmup_frac, cfg.min_lr_ratio))
+    scheduler = build_scheduler(optimizer, steps, cfg.warmup_frac, cfg.min_lr_ratio)
 
     start_step, tokens_seen, wall_offset = 0, 0, 0.0
     metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
