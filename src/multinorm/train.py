@@ -37,10 +37,11 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from multinorm import __version__
 from multinorm.data import DATASETS, load_data
 from multinorm.io import atomic_write, parse_assignment
-from multinorm.llama import MODEL_CONFIGS, build_model, count_parameters, split_parameters
+from multinorm.llama import MODEL_CONFIGS, build_model, count_parameters
 from multinorm.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
 
-__all__ = ["TrainConfig", "RunResult", "train", "build_scheduler", "evaluate", "capture_gradients", "read_metrics", "main"]
+__all__ = ["TrainConfig", "RunResult", "ConfigError", "train", "build_scheduler", "evaluate", "load_checkpoint",
+           "read_metrics", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -108,12 +109,11 @@ class TrainConfig:
         max_pos = MODEL_CONFIGS[self.model].max_position_embeddings
         if not 1 <= self.seq_len <= max_pos:
             raise ConfigError(f"seq_len {self.seq_len} is outside 1..{max_pos}, the positions of model {self.model!r}")
-        # lr 0 with a positive adam_lr is a control run: hidden matrices frozen, embeddings/head/norms trained.
+        if not _finite_nonnegative(self.lr):
+            raise ConfigError(f"lr must be a finite number >= 0, got {self.lr}")
         adam_lr = self.hparams.get("adam_lr")
-        frozen_hidden = self.lr == 0 and isinstance(adam_lr, (int, float)) and adam_lr > 0
-        if not (self.lr > 0 or frozen_hidden) or not math.isfinite(self.lr):
-            raise ConfigError(f"lr must be a positive number (0 only with a positive adam_lr, which freezes the "
-                              f"hidden matrices), got {self.lr}")
+        if adam_lr is not None and not _finite_nonnegative(adam_lr):
+            raise ConfigError(f"adam_lr must be a finite number >= 0, got {adam_lr!r}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum ({self.grad_accum})")
         if self.steps < 1:
@@ -129,6 +129,10 @@ class TrainConfig:
             raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+
+
+def _finite_nonnegative(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
 
 
 @dataclass
@@ -209,7 +213,9 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, tokens_
     atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-save leaves the previous checkpoint
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a run's checkpoint.pt (tensors and plain containers only)."""
+    path = Path(path)
     if not path.exists():
         raise ConfigError(f"cannot resume: no checkpoint at {path}")
     try:
@@ -222,18 +228,12 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
         raise ConfigError(f"cannot resume: checkpoint {path} is corrupt or unreadable ({exc.__class__.__name__}: {exc})") from None
 
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, if_exists: str) -> RunResult | None:
-    config_path = run_dir / "config.json"
-    if run_dir.exists() and config_path.exists() and not resume:
-        if if_exists == "reuse":
-            old = json.loads(config_path.read_text())["config"]
-            summary_path = run_dir / "summary.json"
-            if _same_run(old, _config_dict(cfg)) and summary_path.exists():
-                return RunResult(run_dir, json.loads(summary_path.read_text()))
-        elif if_exists == "error":
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if (run_dir / "config.json").exists() and not resume:
+        if not overwrite:
             raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, "
                               f"--overwrite to replace it, or choose another --run-id")
-        for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+        for name in ("metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.pt.tmp"):
             (run_dir / name).unlink(missing_ok=True)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -242,17 +242,6 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, if_exists: s
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"results folder {run_dir} is not writable: {exc.strerror or exc}") from None
-    return None
-
-
-# Settings that change how a run is kept, not what it computes.
-_BOOKKEEPING = {"save_checkpoint", "checkpoint_interval", "progress"}
-
-
-def _same_run(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether a recorded config computes the same run as `new` (bookkeeping settings aside)."""
-    keys = (set(old) | set(new)) - _BOOKKEEPING
-    return all(k in old and k in new and old[k] == new[k] for k in keys)
 
 
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
@@ -261,19 +250,18 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     return d
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", stop_after: int | None = None) -> RunResult:
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False,
+          stop_after: int | None = None) -> RunResult:
     """Train `cfg.model` on `cfg.dataset` with `cfg.optimizer`; write the run record; return its summary.
 
-    if_exists: what to do when the run folder already holds a run: "error", "overwrite", or "reuse"
-    (return the finished run unchanged if its config is identical, otherwise re-run it).
+    resume: continue the run in the folder from its checkpoint.
+    overwrite: replace a run already in the folder (otherwise that is an error).
     stop_after: stop (with a checkpoint) after this many steps, as if interrupted; used to test resume.
     A NaN/Inf loss ends the run with status "diverged"; everything logged up to then is kept.
     """
     cfg.validate()
     run_dir = Path(cfg.results_dir) / (cfg.run_id or cfg.default_run_id())
-    reused = _prepare_run_dir(cfg, run_dir, resume, if_exists)
-    if reused is not None:
-        return reused
+    _prepare_run_dir(run_dir, resume, overwrite)
 
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.resolved_dtype()]
@@ -295,7 +283,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", s
     start_step, tokens_seen, wall_offset = 0, 0, 0.0
     metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
     if resume:
-        ckpt = _load_checkpoint(ckpt_path)
+        ckpt = load_checkpoint(ckpt_path)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -399,25 +387,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", s
     return RunResult(run_dir, write_summary("completed"))
 
 
-def capture_gradients(cfg: TrainConfig, checkpoint: str | Path | None = None, step: int = 0) -> dict[str, torch.Tensor]:
-    """Gradients of the hidden matrices on training batch `step`, for the model of `cfg`.
-
-    The model is freshly initialised from `cfg.seed`, or loaded from `checkpoint` (a run's
-    `checkpoint.pt`). Returns {parameter name: gradient} in float32 on the CPU.
-    """
-    cfg.validate()
-    device = torch.device(cfg.device)
-    data = load_data(cfg.dataset, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=cfg.seed,
-                     data_files=cfg.data_files, cache_dir=cfg.cache_dir, val_tokens=cfg.eval_tokens)
-    model = build_model(cfg.model, data.vocab_size, seed=cfg.seed, device=device, dtype=DTYPES[cfg.resolved_dtype()])
-    if checkpoint is not None:
-        model.load_state_dict(_load_checkpoint(Path(checkpoint))["model"])
-    input_ids, labels = data.train_batch(step, cfg.batch_size)
-    model(input_ids=input_ids.to(device), labels=labels.to(device)).loss.backward()
-    hidden, _ = split_parameters(model)
-    return {name: p.grad.detach().float().cpu() for name, p in hidden}
-
-
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(prog="python -m multinorm.train",
@@ -468,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint_interval=args.checkpoint_interval, save_checkpoint=not args.no_checkpoint, seed=args.seed, device=args.device, dtype=args.dtype,
         results_dir=args.results_dir, run_id=args.run_id, cache_dir=args.cache_dir, progress=not args.no_progress)
     try:
-        result = train(cfg, resume=args.resume, if_exists="overwrite" if args.overwrite else "error")
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
