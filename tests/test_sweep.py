@@ -1,7 +1,11 @@
-"""Study grids: finished runs are read back instead of trained again."""
+"""Study grids: finished runs are read back instead of trained again, and a Ctrl-C stops the whole grid."""
 
 import os
+import signal
 
+import pytest
+
+import multinorm.train as train_module
 from multinorm.sweep import run_grid, train_or_reuse
 from multinorm.train import TrainConfig
 
@@ -42,6 +46,40 @@ def test_an_interrupted_run_is_not_reused(tmp_path):
     summary.write_text(summary.read_text().replace('"completed"', '"interrupted"'))
     again = train_or_reuse(cfg, reuse=True)
     assert again.status == "completed" and again.summary["steps_done"] == 4
+
+
+def test_ctrl_c_stops_the_whole_grid_after_saving_the_current_run(tmp_path, monkeypatch):
+    """SIGINT during the second run: that run ends "interrupted" on disk, then KeyboardInterrupt reaches
+    the caller as it would without the trainer's handler, and no later run starts."""
+    real_load = train_module.load_data
+    loads = []
+
+    def load_data(*args, **kwargs):
+        data = real_load(*args, **kwargs)
+        loads.append(data)
+        if len(loads) == 2:
+            real_batch = data.train_batch
+
+            def train_batch(i, batch_size):
+                if i == 0:
+                    signal.raise_signal(signal.SIGINT)
+                return real_batch(i, batch_size)
+
+            data.train_batch = train_batch
+        return data
+
+    monkeypatch.setattr(train_module, "load_data", load_data)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        base = micro(tmp_path, run_id=None)
+        with pytest.raises(KeyboardInterrupt):
+            run_grid(base, [{"lr": 1e-3}, {"lr": 2e-3}, {"lr": 3e-3}], tmp_path / "grid", progress=False)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert len(loads) == 2
+    cut = (tmp_path / "grid" / "adamw-lr0.002-seed0" / "summary.json").read_text()
+    assert '"interrupted"' in cut
+    assert not (tmp_path / "grid" / "adamw-lr0.003-seed0").exists()
 
 
 def test_run_grid_table_has_one_row_per_run(tmp_path):

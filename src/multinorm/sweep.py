@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,7 +23,7 @@ __all__ = ["run_id", "train_or_reuse", "run_grid", "load_runs", "load_curves", "
 
 # Settings that change how a run is kept, not what it computes.
 _BOOKKEEPING = {"save_checkpoint", "checkpoint_interval", "progress"}
-# A run that ended with one of these is a result; one stopped early is not.
+# A run that ended with one of these is a result; an interrupted one is not.
 _FINISHED = {"completed", "diverged"}
 
 
@@ -54,10 +55,16 @@ def _finished_run(cfg: TrainConfig) -> RunResult | None:
 def train_or_reuse(cfg: TrainConfig, *, reuse: bool = False) -> RunResult:
     """Train `cfg` into its run folder, replacing what is there; with `reuse`, return the finished run
     already there instead when it was trained with the same config.
+
+    A run stopped by SIGINT/SIGTERM re-raises that signal once `train` has saved its state, so a
+    Ctrl-C stops the whole study, not just its current run.
     """
     if reuse and (finished := _finished_run(cfg)) is not None:
         return finished
-    return train(cfg, overwrite=True)
+    result = train(cfg, overwrite=True)
+    if result.status == "interrupted":
+        signal.raise_signal(signal.Signals[result.summary["signal"]])
+    return result
 
 
 def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str | Path, *,
