@@ -87,23 +87,21 @@ def run_all(scale: str, results_dir: Path, figures_dir: Path, only: list[str] | 
 
 
 def _write_timing(results_dir: Path, scale: str, timings: dict[str, float]) -> None:
+    """Merge `timings` into results/notebooks/timing.csv and write the README's timing table next to it."""
+    import pandas as pd
+
     path = results_dir / "notebooks" / "timing.csv"
-    rows = {}
-    if path.exists():
-        for line in path.read_text().splitlines()[1:]:
-            scale_, name, seconds = line.split(",")
-            rows[(scale_, name)] = seconds
-    for name, seconds in timings.items():
-        rows[(scale, name)] = f"{seconds:.1f}"
-    path.write_text("scale,notebook,seconds\n" + "".join(f"{s},{n},{t}\n" for (s, n), t in sorted(rows.items())))
+    # Seconds are kept to 0.1 s; the minutes below are computed from the rounded values.
+    table = pd.DataFrame({"scale": scale, "notebook": list(timings), "seconds": [round(t, 1) for t in timings.values()]})
+    if path.exists():  # keep the other scales' and notebooks' last timings
+        old = pd.read_csv(path, dtype={"scale": str, "notebook": str, "seconds": float})
+        table = pd.concat([old[list(table.columns)], table], ignore_index=True)
+    table = table.drop_duplicates(["scale", "notebook"], keep="last").sort_values(["scale", "notebook"], ignore_index=True)
+    table.to_csv(path, index=False, float_format="%.1f")
     lines = ["| scale | notebook | minutes |", "|---|---|---|"]
-    for scale_ in sorted({s for s, _ in rows}):
-        total = 0.0
-        for (s, n), t in sorted(rows.items()):
-            if s == scale_:
-                lines.append(f"| {s} | {n} | {float(t) / 60:.1f} |")
-                total += float(t)
-        lines.append(f"| {scale_} | **all** | **{total / 60:.1f}** |")
+    for scale_, rows in table.groupby("scale", sort=True):
+        lines += [f"| {scale_} | {row.notebook} | {row.seconds / 60:.1f} |" for row in rows.itertuples()]
+        lines.append(f"| {scale_} | **all** | **{rows.seconds.sum() / 60:.1f}** |")
     (path.parent / "readme_timing.md").write_text(
         f"Measured wall time of `make figures` (machine with {os.cpu_count()} CPU cores):\n\n"
         + "\n".join(lines) + "\n")

@@ -10,20 +10,61 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import signal
 from pathlib import Path
 from typing import Any, Iterable
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from multinorm.train import TrainConfig, read_metrics, train
+from multinorm.train import RunResult, TrainConfig, read_metrics, train
 
-__all__ = ["run_id", "run_grid", "load_runs", "load_curves", "best_lr"]
+__all__ = ["run_id", "train_or_reuse", "run_grid", "load_runs", "load_curves", "best_lr"]
+
+# Settings that change how a run is kept, not what it computes.
+_BOOKKEEPING = {"save_checkpoint", "checkpoint_interval", "progress"}
+# A run that ended with one of these is a result; an interrupted one is not.
+_FINISHED = {"completed", "diverged"}
 
 
 def run_id(optimizer: str, lr: float, seed: int, tag: str | None = None) -> str:
     """Folder name of one run of a study: <tag or optimizer>-lr<lr>-seed<seed>."""
     return f"{tag or optimizer}-lr{lr:g}-seed{seed}"
+
+
+def _same_run(old: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a recorded config computes the same run as `new` (bookkeeping settings aside)."""
+    keys = (set(old) | set(new)) - _BOOKKEEPING
+    return all(k in old and k in new and old[k] == new[k] for k in keys)
+
+
+def _finished_run(cfg: TrainConfig) -> RunResult | None:
+    """The finished run of `cfg` already in its folder, if there is one with the same config."""
+    run_dir = Path(cfg.results_dir) / (cfg.run_id or cfg.default_run_id())
+    config_path, summary_path = run_dir / "config.json", run_dir / "summary.json"
+    if not (config_path.exists() and summary_path.exists()):
+        return None
+    summary = json.loads(summary_path.read_text())
+    # Compare as recorded in config.json, where tuples are lists.
+    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    if summary.get("status") in _FINISHED and _same_run(json.loads(config_path.read_text())["config"], new):
+        return RunResult(run_dir, summary)
+    return None
+
+
+def train_or_reuse(cfg: TrainConfig, *, reuse: bool = False) -> RunResult:
+    """Train `cfg` into its run folder, replacing what is there; with `reuse`, return the finished run
+    already there instead when it was trained with the same config.
+
+    A run stopped by SIGINT/SIGTERM re-raises that signal once `train` has saved its state, so a
+    Ctrl-C stops the whole study, not just its current run.
+    """
+    if reuse and (finished := _finished_run(cfg)) is not None:
+        return finished
+    result = train(cfg, overwrite=True)
+    if result.status == "interrupted":
+        signal.raise_signal(signal.Signals[result.summary["signal"]])
+    return result
 
 
 def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str | Path, *,
@@ -32,7 +73,7 @@ def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str
 
     Each override may set any `TrainConfig` field plus `tag` (a label kept in the table and in the
     run id, e.g. an ablation name). With `reuse`, runs whose folder already holds a finished run
-    with the same config are read back instead of trained again. Diverged runs stay in the table
+    with the same config are read back instead of trained again (see `train_or_reuse`). Diverged runs stay in the table
     with `status == "diverged"` and an infinite final loss, so a sweep never dies on a bad lr.
     """
     grid = list(grid)
@@ -46,7 +87,7 @@ def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str
         cfg = dataclasses.replace(base, **override, results_dir=str(results_dir), progress=False)
         cfg.run_id = cfg.run_id or run_id(cfg.optimizer, cfg.lr, cfg.seed, tag)
         outer.set_postfix_str(cfg.run_id)
-        result = train(cfg, if_exists="reuse" if reuse else "overwrite")
+        result = train_or_reuse(cfg, reuse=reuse)
         rows.append(_summary_row(result.run_dir, result.summary, cfg, tag))
     return pd.DataFrame(rows)
 

@@ -5,24 +5,34 @@ One run = one folder `results/runs/<run-id>/`:
     config.json      every setting needed to re-run, plus package version, git commit, torch, device
     metrics.jsonl    one line per logged step: step, tokens, train_loss, val_loss, val_ppl, lr,
                      tokens_per_s, wall_s, optimizer_state_bytes, peak_memory_bytes
-    summary.json     final status ("completed" / "diverged"), final validation loss/ppl, throughput
+    summary.json     final status ("completed" / "diverged" / "interrupted"), final validation loss/ppl, throughput
     checkpoint.pt    model + optimizer + scheduler + step (git-ignored), for `--resume`
 
 Schedule (the GaLore benchmark's): linear warm-up from 0 over the first 10 % of steps, then cosine
-decay to 10 % of the peak learning rate. On CPU a resumed run reproduces the uninterrupted run's
-metrics exactly: batches are a pure function of (seed, step), and the checkpoint holds all state.
+decay to 10 % of the peak learning rate (transformers' cosine-with-min-lr schedule).
+
+Ctrl-C (SIGINT) or SIGTERM stops the run cleanly: the current step finishes, a checkpoint is written,
+the summary says "interrupted", and the CLI exits with 128 + the signal number (130 / 143). A second
+signal aborts at once; the last checkpoint is still intact, as every checkpoint is written atomically.
+On CPU a resumed run reproduces the uninterrupted run's metrics exactly: batches are a pure function
+of (seed, step), and the checkpoint holds all state.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
+import re
 import resource
+import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,14 +40,16 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from multinorm import __version__
 from multinorm.data import DATASETS, load_data
 from multinorm.io import atomic_write, parse_assignment
-from multinorm.llama import MODEL_CONFIGS, build_model, count_parameters, split_parameters
+from multinorm.llama import MODEL_CONFIGS, build_model, count_parameters
 from multinorm.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
 
-__all__ = ["TrainConfig", "RunResult", "train", "lr_factor", "evaluate", "capture_gradients", "read_metrics", "main"]
+__all__ = ["TrainConfig", "RunResult", "ConfigError", "train", "build_scheduler", "evaluate", "load_checkpoint",
+           "read_metrics", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -105,12 +117,11 @@ class TrainConfig:
         max_pos = MODEL_CONFIGS[self.model].max_position_embeddings
         if not 1 <= self.seq_len <= max_pos:
             raise ConfigError(f"seq_len {self.seq_len} is outside 1..{max_pos}, the positions of model {self.model!r}")
-        # lr 0 with a positive adam_lr is a control run: hidden matrices frozen, embeddings/head/norms trained.
+        if not _finite_nonnegative(self.lr):
+            raise ConfigError(f"lr must be a finite number >= 0, got {self.lr}")
         adam_lr = self.hparams.get("adam_lr")
-        frozen_hidden = self.lr == 0 and isinstance(adam_lr, (int, float)) and adam_lr > 0
-        if not (self.lr > 0 or frozen_hidden) or not math.isfinite(self.lr):
-            raise ConfigError(f"lr must be a positive number (0 only with a positive adam_lr, which freezes the "
-                              f"hidden matrices), got {self.lr}")
+        if adam_lr is not None and not _finite_nonnegative(adam_lr):
+            raise ConfigError(f"adam_lr must be a finite number >= 0, got {adam_lr!r}")
         if self.batch_size < 1 or self.grad_accum < 1 or self.batch_size % self.grad_accum:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a positive multiple of grad_accum ({self.grad_accum})")
         if self.steps < 1:
@@ -128,6 +139,10 @@ class TrainConfig:
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
 
 
+def _finite_nonnegative(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
 @dataclass
 class RunResult:
     """What a run leaves behind: its folder and its final summary."""
@@ -143,13 +158,11 @@ class RunResult:
         return read_metrics(self.run_dir)
 
 
-def lr_factor(step: int, total_steps: int, warmup_frac: float = 0.1, min_lr_ratio: float = 0.1) -> float:
-    """Multiplier of the peak lr at `step`: linear warm-up from 0, then cosine to `min_lr_ratio`."""
-    warmup = int(warmup_frac * total_steps)
-    if step < warmup:
-        return step / warmup
-    progress = (step - warmup) / max(1, total_steps - warmup)
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+def build_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_frac: float = 0.1,
+                    min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up from 0 over int(warmup_frac * steps) steps, then cosine decay to min_lr_ratio x peak."""
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=int(warmup_frac * steps), num_training_steps=steps, min_lr_rate=min_lr_ratio)
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -202,37 +215,65 @@ def evaluate(model: torch.nn.Module, data, batch_size: int, device: torch.device
     return total_loss / total_count
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, step: int, tokens_seen: int, wall: float) -> None:
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "step": step, "tokens": tokens_seen, "wall_s": wall}
+def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda f: torch.save(state, f))  # a crash mid-save leaves the previous checkpoint
 
 
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+# Classes that GaLore, APOLLO and Fira keep in their optimizer state, one projector per matrix: plain
+# holders of a rank, a gap, a scale and an orthogonal-matrix tensor. Listed by name so that a resume
+# imports only the package its checkpoint needs (importing all three takes seconds).
+_PROJECTOR_CLASSES = (
+    "galore_torch.galore_projector.GaLoreProjector",
+    "apollo_torch.random_projector.GradientProjector",
+    "apollo_torch.svd_projector.GaLoreProjector",
+    "fira.gradient_projection.GradientProjector",
+)
+
+
+def _allowed_classes(path: Path) -> list[type]:
+    """The projector classes that the checkpoint at `path` refers to, imported from their packages."""
+    needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) & set(_PROJECTOR_CLASSES)
+    classes = []
+    for name in sorted(needed):
+        module, _, qualname = name.rpartition(".")
+        classes.append(getattr(importlib.import_module(module), qualname))
+    return classes
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a run's checkpoint.pt safely: tensors, plain containers and the projector classes only.
+
+    Raises ConfigError with a one-line message if the file is missing, truncated or not a checkpoint.
+    """
+    path = Path(path)
     if not path.exists():
-        raise ConfigError(f"cannot resume: no checkpoint at {path}")
+        raise ConfigError(f"no checkpoint at {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        missing = {"model", "optimizer", "scheduler", "step"} - set(ckpt)
-        if missing:
-            raise ValueError(f"missing keys {sorted(missing)}")
-        return ckpt
+        with torch.serialization.safe_globals(_allowed_classes(path)):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many kinds on a damaged file
-        raise ConfigError(f"cannot resume: checkpoint {path} is corrupt or unreadable ({exc.__class__.__name__}: {exc})") from None
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
+        why = (f"it holds an object of a type that is not allowed to load ({unsafe.group(1)})" if unsafe
+               else f"the file is corrupt or truncated ({_one_line(exc)})")
+        raise ConfigError(f"checkpoint {path} cannot be loaded: {why}") from None
+    missing = {"model", "optimizer", "scheduler", "step"} - (set(ckpt) if isinstance(ckpt, dict) else set())
+    if missing:
+        raise ConfigError(f"{path} is not a training checkpoint (missing {', '.join(sorted(missing))})")
+    return ckpt
 
 
-def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, if_exists: str) -> RunResult | None:
-    config_path = run_dir / "config.json"
-    if run_dir.exists() and config_path.exists() and not resume:
-        if if_exists == "reuse":
-            old = json.loads(config_path.read_text())["config"]
-            summary_path = run_dir / "summary.json"
-            if _same_run(old, _config_dict(cfg)) and summary_path.exists():
-                return RunResult(run_dir, json.loads(summary_path.read_text()))
-        elif if_exists == "error":
+def _one_line(exc: Exception) -> str:
+    """An exception as one short line: torch's loading errors can span many lines of advice."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "").split(". ")[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if (run_dir / "config.json").exists() and not resume:
+        if not overwrite:
             raise ConfigError(f"run folder {run_dir} already exists; pass --resume to continue it, "
                               f"--overwrite to replace it, or choose another --run-id")
-        for name in ("metrics.jsonl", "summary.json", "checkpoint.pt"):
+        for name in ("metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.pt.tmp"):
             (run_dir / name).unlink(missing_ok=True)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -241,38 +282,84 @@ def _prepare_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, if_exists: s
         probe.unlink()
     except OSError as exc:
         raise ConfigError(f"results folder {run_dir} is not writable: {exc.strerror or exc}") from None
-    return None
-
-
-# Settings that change how a run is kept, not what it computes.
-_BOOKKEEPING = {"save_checkpoint", "checkpoint_interval", "progress"}
-
-
-def _same_run(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether a recorded config computes the same run as `new` (bookkeeping settings aside)."""
-    keys = (set(old) | set(new)) - _BOOKKEEPING
-    return all(k in old and k in new and old[k] == new[k] for k in keys)
 
 
 def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(cfg)
     d.pop("progress")
-    return d
+    return json.loads(json.dumps(d))  # as recorded in config.json (tuples become lists)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", stop_after: int | None = None) -> RunResult:
+# Settings a resumed run may change: they decide how and where the run is kept, not what it computes.
+_RESUMABLE_CHANGES = {"checkpoint_interval", "save_checkpoint", "results_dir", "run_id", "cache_dir"}
+
+
+def _check_resume_config(cfg: TrainConfig, run_dir: Path) -> None:
+    config_path = run_dir / "config.json"
+    if not config_path.exists():
+        return
+    old, new = json.loads(config_path.read_text())["config"], _config_dict(cfg)
+    changed = sorted(k for k in (set(old) | set(new)) - _RESUMABLE_CHANGES if old.get(k) != new.get(k))
+    if changed:
+        diffs = ", ".join(f"{k} (recorded {old.get(k)!r}, given {new.get(k)!r})" for k in changed)
+        raise ConfigError(f"cannot resume {run_dir}: settings differ from the recorded run: {diffs}")
+
+
+class _StopOnSignal:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step; restores the old handlers on exit.
+
+    Handlers are only installed from the main thread (Python delivers signals there), and a signal the
+    process already ignores (nohup, background jobs) stays ignored.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt  # a second signal: stop now (the last checkpoint is intact)
+        self.signum = signum
+        # os.write, not print: a handler may run in the middle of another write to the same stream.
+        os.write(2, f"\n{signal.Signals(signum).name} received: stopping after this step "
+                    f"(send it again to stop at once)\n".encode())
+
+    def __exit__(self, *exc_info) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+        self._previous.clear()
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Train `cfg.model` on `cfg.dataset` with `cfg.optimizer`; write the run record; return its summary.
 
-    if_exists: what to do when the run folder already holds a run: "error", "overwrite", or "reuse"
-    (return the finished run unchanged if its config is identical, otherwise re-run it).
-    stop_after: stop (with a checkpoint) after this many steps, as if interrupted; used to test resume.
-    A NaN/Inf loss ends the run with status "diverged"; everything logged up to then is kept.
+    resume: continue the run in the folder from its checkpoint (the settings must match the recorded ones).
+    overwrite: replace a run already in the folder (otherwise that is an error).
+    A NaN/Inf loss ends the run with status "diverged"; everything logged up to then is kept. SIGINT or
+    SIGTERM ends it with status "interrupted" after the current step and a checkpoint (if enabled); the
+    summary then names the signal (`summary["signal"]`, e.g. "SIGTERM").
     """
     cfg.validate()
     run_dir = Path(cfg.results_dir) / (cfg.run_id or cfg.default_run_id())
-    reused = _prepare_run_dir(cfg, run_dir, resume, if_exists)
-    if reused is not None:
-        return reused
+    if resume:
+        _check_resume_config(cfg, run_dir)
+    _prepare_run_dir(run_dir, resume, overwrite)
+    metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
+    ckpt = None
+    if resume:  # a missing or damaged checkpoint fails before any work
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except ConfigError as exc:
+            raise ConfigError(f"cannot resume: {exc}") from None
 
     device = torch.device(cfg.device)
     dtype = DTYPES[cfg.resolved_dtype()]
@@ -289,20 +376,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", s
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
     steps = cfg.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, steps, cfg.warmup_frac, cfg.min_lr_ratio))
+    scheduler = build_scheduler(optimizer, steps, cfg.warmup_frac, cfg.min_lr_ratio)
 
     start_step, tokens_seen, wall_offset = 0, 0, 0.0
-    metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
-    if resume:
-        ckpt = _load_checkpoint(ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+    # The train loss logged every log_interval steps is a mean over the steps since the last line; the
+    # checkpoint keeps that running sum so a resume between two lines logs the same mean.
+    window_loss, window_n = 0.0, 0
+    if ckpt is not None:
+        try:
+            model.load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise ConfigError(f"cannot resume: checkpoint {ckpt_path} does not fit this model and optimizer "
+                              f"({_one_line(exc)})") from None
         scheduler.load_state_dict(ckpt["scheduler"])
         start_step, tokens_seen, wall_offset = ckpt["step"], ckpt.get("tokens", 0), ckpt.get("wall_s", 0.0)
+        window_loss, window_n = ckpt.get("train_loss_window", (0.0, 0))
         # Drop lines logged after the checkpoint: they are about to be recomputed.
         kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
-        metrics_path.write_text("".join(json.dumps(m) + "\n" for m in kept))
+        atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
     else:
         record = {
             "config": _config_dict(cfg),
@@ -319,7 +411,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", s
         with metrics_path.open("a") as f:
             f.write(json.dumps(entry) + "\n")
 
-    def write_summary(status: str, message: str | None = None) -> dict[str, Any]:
+    def write_summary(status: str, message: str | None = None, **extra: Any) -> dict[str, Any]:
         rows = read_metrics(run_dir)
         evals = [r for r in rows if r.get("val_loss") is not None]
         rates = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
@@ -333,89 +425,81 @@ def train(cfg: TrainConfig, *, resume: bool = False, if_exists: str = "error", s
             "wall_s": rows[-1]["wall_s"] if rows else 0.0,
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
             "peak_memory_bytes": _peak_memory_bytes(device),
+            **extra,
         }
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         return summary
+
+    def save_checkpoint() -> None:
+        _save_checkpoint(ckpt_path, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "tokens": tokens_seen, "wall_s": train_time, "train_loss_window": (window_loss, window_n)})
 
     micro_bs = cfg.batch_size // cfg.grad_accum
     step = start_step
-    if step == 0:
-        val_loss = evaluate(model, data, cfg.eval_batch_size, device, cfg.eval_mode)
-        log({"step": 0, "tokens": 0, "train_loss": None, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
-             "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": None, "wall_s": 0.0,
-             "optimizer_state_bytes": optimizer_state_bytes(optimizer), "peak_memory_bytes": _peak_memory_bytes(device)})
-
-    bar = tqdm(total=steps, initial=start_step, disable=not cfg.progress, unit="step",
-               desc=f"{cfg.optimizer} lr={cfg.lr:g}", dynamic_ncols=True)
     train_time = wall_offset
-    window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
-    while step < steps:
-        t0 = time.perf_counter()
-        input_ids, labels = data.train_batch(step, cfg.batch_size)
-        step_loss = 0.0
-        for chunk_ids, chunk_labels in zip(input_ids.split(micro_bs), labels.split(micro_bs)):
-            loss = model(input_ids=chunk_ids.to(device), labels=chunk_labels.to(device)).loss
-            (loss / cfg.grad_accum).backward()
-            step_loss += loss.detach().float().item() / cfg.grad_accum
-        if not math.isfinite(step_loss):
-            bar.close()
-            message = f"training loss became {step_loss} at step {step + 1}; run stopped (lr {cfg.lr:g} is likely too high)"
-            log({"step": step + 1, "tokens": tokens_seen, "train_loss": step_loss, "val_loss": None, "val_ppl": None,
-                 "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": None, "wall_s": train_time,
+    with _StopOnSignal() as stop, tqdm(total=steps, initial=start_step, disable=not cfg.progress, unit="step",
+                                       desc=f"{cfg.optimizer} lr={cfg.lr:g}", dynamic_ncols=True) as bar:
+        if step == 0:
+            val_loss = evaluate(model, data, cfg.eval_batch_size, device, cfg.eval_mode)
+            log({"step": 0, "tokens": 0, "train_loss": None, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
+                 "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": None, "wall_s": 0.0,
                  "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                  "peak_memory_bytes": _peak_memory_bytes(device)})
-            summary = write_summary("diverged", message)
-            tqdm.write(f"error: {message}", file=sys.stderr)
-            return RunResult(run_dir, summary)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lr_now = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        step += 1
-        tokens_seen += cfg.tokens_per_step
-        dt = time.perf_counter() - t0
-        train_time += dt
-        window_loss, window_n, window_tokens, window_time = window_loss + step_loss, window_n + 1, window_tokens + cfg.tokens_per_step, window_time + dt
-        bar.update(1)
 
-        is_eval = step % cfg.eval_interval == 0 or step == steps
-        if step % cfg.log_interval == 0 or is_eval:
-            val_loss = evaluate(model, data, cfg.eval_batch_size, device, cfg.eval_mode) if is_eval else None
-            rate = window_tokens / window_time if window_time > 0 else None
-            log({"step": step, "tokens": tokens_seen, "train_loss": window_loss / window_n, "val_loss": val_loss,
-                 "val_ppl": math.exp(val_loss) if val_loss is not None else None, "lr": lr_now,
-                 "tokens_per_s": rate, "wall_s": train_time,
-                 "optimizer_state_bytes": optimizer_state_bytes(optimizer),
-                 "peak_memory_bytes": _peak_memory_bytes(device)})
-            bar.set_postfix(loss=f"{window_loss / window_n:.3f}", tok_s=f"{rate:,.0f}" if rate else "-")
-            window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
-        if cfg.save_checkpoint and ((cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0) or step == steps):
-            _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, tokens_seen, train_time)
-        if stop_after is not None and step >= stop_after and step < steps:
-            _save_checkpoint(ckpt_path, model, optimizer, scheduler, step, tokens_seen, train_time)
-            bar.close()
-            return RunResult(run_dir, write_summary("interrupted"))
-    bar.close()
+        window_tokens, window_time = 0, 0.0
+        while step < steps:
+            t0 = time.perf_counter()
+            input_ids, labels = data.train_batch(step, cfg.batch_size)
+            step_loss = 0.0
+            for chunk_ids, chunk_labels in zip(input_ids.split(micro_bs), labels.split(micro_bs)):
+                loss = model(input_ids=chunk_ids.to(device), labels=chunk_labels.to(device)).loss
+                (loss / cfg.grad_accum).backward()
+                step_loss += loss.detach().float().item() / cfg.grad_accum
+            if not math.isfinite(step_loss):
+                message = (f"training loss became {step_loss} at step {step + 1}; run stopped "
+                           f"(lr {cfg.lr:g} is likely too high)")
+                log({"step": step + 1, "tokens": tokens_seen, "train_loss": step_loss, "val_loss": None,
+                     "val_ppl": None, "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": None,
+                     "wall_s": train_time, "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                     "peak_memory_bytes": _peak_memory_bytes(device)})
+                summary = write_summary("diverged", message)
+                tqdm.write(f"error: {message}", file=sys.stderr)
+                return RunResult(run_dir, summary)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            lr_now = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            step += 1
+            tokens_seen += cfg.tokens_per_step
+            dt = time.perf_counter() - t0
+            train_time += dt
+            window_loss, window_n = window_loss + step_loss, window_n + 1
+            window_tokens, window_time = window_tokens + cfg.tokens_per_step, window_time + dt
+            bar.update(1)
+
+            is_eval = step % cfg.eval_interval == 0 or step == steps
+            if step % cfg.log_interval == 0 or is_eval:
+                val_loss = evaluate(model, data, cfg.eval_batch_size, device, cfg.eval_mode) if is_eval else None
+                rate = window_tokens / window_time if window_time > 0 else None
+                log({"step": step, "tokens": tokens_seen, "train_loss": window_loss / window_n, "val_loss": val_loss,
+                     "val_ppl": math.exp(val_loss) if val_loss is not None else None, "lr": lr_now,
+                     "tokens_per_s": rate, "wall_s": train_time,
+                     "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+                     "peak_memory_bytes": _peak_memory_bytes(device)})
+                bar.set_postfix(loss=f"{window_loss / window_n:.3f}", tok_s=f"{rate:,.0f}" if rate else "-")
+                window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
+            interrupted = stop.signum is not None and step < steps
+            periodic = cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0
+            if cfg.save_checkpoint and (periodic or step == steps or interrupted):
+                save_checkpoint()
+            if interrupted:
+                name = signal.Signals(stop.signum).name
+                kept = "checkpoint saved; resume to continue" if cfg.save_checkpoint else \
+                    "no checkpoint (checkpoints are off), so it cannot be resumed"
+                message = f"interrupted by {name} after step {step} of {steps}; {kept}"
+                return RunResult(run_dir, write_summary("interrupted", message, signal=name))
     return RunResult(run_dir, write_summary("completed"))
-
-
-def capture_gradients(cfg: TrainConfig, checkpoint: str | Path | None = None, step: int = 0) -> dict[str, torch.Tensor]:
-    """Gradients of the hidden matrices on training batch `step`, for the model of `cfg`.
-
-    The model is freshly initialised from `cfg.seed`, or loaded from `checkpoint` (a run's
-    `checkpoint.pt`). Returns {parameter name: gradient} in float32 on the CPU.
-    """
-    cfg.validate()
-    device = torch.device(cfg.device)
-    data = load_data(cfg.dataset, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=cfg.seed,
-                     data_files=cfg.data_files, cache_dir=cfg.cache_dir, val_tokens=cfg.eval_tokens)
-    model = build_model(cfg.model, data.vocab_size, seed=cfg.seed, device=device, dtype=DTYPES[cfg.resolved_dtype()])
-    if checkpoint is not None:
-        model.load_state_dict(_load_checkpoint(Path(checkpoint))["model"])
-    input_ids, labels = data.train_batch(step, cfg.batch_size)
-    model(input_ids=input_ids.to(device), labels=labels.to(device)).loss.backward()
-    hidden, _ = split_parameters(model)
-    return {name: p.grad.detach().float().cpu() for name, p in hidden}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -458,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     cfg = TrainConfig(
         model=args.model, dataset=args.dataset, data_files=args.data_files, vocab_size=args.vocab_size,
@@ -465,14 +550,26 @@ def main(argv: list[str] | None = None) -> int:
         tokens=args.tokens, batch_size=args.batch_size, grad_accum=args.grad_accum, warmup_frac=args.warmup_frac,
         min_lr_ratio=args.min_lr_ratio, eval_interval=args.eval_interval, eval_tokens=args.eval_tokens,
         eval_batch_size=args.eval_batch_size, eval_mode=args.eval_mode, log_interval=args.log_interval,
-        checkpoint_interval=args.checkpoint_interval, save_checkpoint=not args.no_checkpoint, seed=args.seed, device=args.device, dtype=args.dtype,
-        results_dir=args.results_dir, run_id=args.run_id, cache_dir=args.cache_dir, progress=not args.no_progress)
+        checkpoint_interval=args.checkpoint_interval, save_checkpoint=not args.no_checkpoint, seed=args.seed,
+        device=args.device, dtype=args.dtype, results_dir=args.results_dir, run_id=args.run_id,
+        cache_dir=args.cache_dir, progress=not args.no_progress)
     try:
-        result = train(cfg, resume=args.resume, if_exists="overwrite" if args.overwrite else "error")
+        result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
+        print("error: aborted; if the run folder holds a checkpoint, continue with --resume", file=sys.stderr)
+        return 128 + signal.SIGINT
     s = result.summary
+    if s["status"] == "interrupted":
+        if cfg.save_checkpoint:
+            again = [a for a in argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
+            hint = f"continue with: python -m multinorm.train {shlex.join(again)}"
+        else:
+            hint = "the run kept no checkpoint (--no-checkpoint) and cannot be resumed"
+        print(f"interrupted by {s['signal']} after step {s['steps_done']} of {s['steps']}; {hint}", file=sys.stderr)
+        return 128 + signal.Signals[s["signal"]]
     if s["status"] != "completed":
         print(f"error: {s['message']} (record kept in {result.run_dir})", file=sys.stderr)
         return 1
