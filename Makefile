@@ -4,13 +4,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SCALE  ?= default
+JOBS   ?= 1
+RESUME ?=
+REUSE  ?=
+FIGURE_FLAGS := --scale $(SCALE) --jobs $(JOBS) $(if $(RESUME),--resume) $(if $(REUSE),--reuse)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test smoke figures bench data demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SCALE=default|quick (figures), PYTHON=python3 (venv interpreter)"
+	@echo "  variables: SCALE=default|quick, JOBS=N (parallel runs), RESUME=1 (train only missing or unfinished runs),"
+	@echo "             REUSE=1 (train nothing, redraw from results/runs) for figures; PYTHON=python3 (venv interpreter)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +35,8 @@ test: $(STAMP) ## run the unit, end-to-end and notebook smoke tests (CPU, offlin
 smoke: $(STAMP) ## run every notebook with tiny parameters into a temporary folder
 	$(PY) -m multinorm.studies smoke
 
-figures: $(STAMP) ## re-run every study notebook (SCALE=default|quick) and regenerate figures/ and README tables
-	$(PY) -m multinorm.studies figures --scale $(SCALE)
+figures: $(STAMP) ## re-run every study notebook and regenerate figures/ and README tables (see variables)
+	$(PY) -m multinorm.studies figures $(FIGURE_FLAGS)
 
 bench: $(STAMP) ## benchmark: optimizer steps vs AdamW, compute/bandwidth floors, nano training -> results/bench/
 	$(PY) -m multinorm.bench --out results/bench

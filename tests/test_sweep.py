@@ -1,96 +1,142 @@
-"""Study grids: finished runs are read back instead of trained again, and a Ctrl-C stops the whole grid."""
+"""Study grids: run identity by configuration, the train/resume/reuse modes, parallel workers, Ctrl-C."""
 
-import os
+import json
 import signal
 
 import pytest
 
 import multinorm.train as train_module
-from multinorm.sweep import run_grid, train_or_reuse
+from multinorm.sweep import MissingRunsError, config_key, load_runs, run_grid, run_one
 from multinorm.train import TrainConfig
 
+VOLATILE = {"tokens_per_s", "wall_s", "peak_memory_bytes"}
 
-def micro(tmp_path, **overrides):
-    settings = dict(model="nano", seq_len=32, batch_size=2, tokens=2 * 32 * 2, eval_interval=2, log_interval=1,
+
+def tiny(tmp_path, **overrides):
+    settings = dict(model="nano", seq_len=32, batch_size=2, tokens=2 * 32 * 4, eval_interval=2, log_interval=1,
                     eval_tokens=32 * 8, eval_batch_size=8, lr=1e-3, results_dir=str(tmp_path / "runs"),
                     run_id="run", progress=False)
     settings.update(overrides)
     return TrainConfig(**settings)
 
 
-def test_reuse_returns_a_finished_run_without_training(tmp_path):
-    cfg = micro(tmp_path)
-    first = train_or_reuse(cfg)
-    mtime = os.path.getmtime(first.run_dir / "metrics.jsonl")
-    again = train_or_reuse(cfg, reuse=True)
-    assert again.summary == first.summary
-    assert os.path.getmtime(first.run_dir / "metrics.jsonl") == mtime
-    # Without reuse the run is trained again, in the same folder.
-    assert train_or_reuse(cfg).summary["final_val_loss"] == first.summary["final_val_loss"]
-    assert os.path.getmtime(first.run_dir / "metrics.jsonl") != mtime
+def metrics(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
 
 
-def test_reuse_ignores_bookkeeping_settings_but_not_the_rest(tmp_path):
-    first = train_or_reuse(micro(tmp_path, hparams={"adam_betas": (0.9, 0.95)}))
-    again = train_or_reuse(micro(tmp_path, hparams={"adam_betas": (0.9, 0.95)}, save_checkpoint=False,
-                                 checkpoint_interval=1), reuse=True)
-    assert again.summary == first.summary
-    changed = train_or_reuse(micro(tmp_path, hparams={"adam_betas": (0.9, 0.95)}, lr=2e-3), reuse=True)
-    assert changed.summary["run_id"] == "run" and changed.summary != first.summary
-
-
-def test_an_interrupted_run_is_not_reused(tmp_path):
-    cfg = micro(tmp_path, tokens=2 * 32 * 4)
-    first = train_or_reuse(cfg)
-    summary = first.run_dir / "summary.json"
-    summary.write_text(summary.read_text().replace('"completed"', '"interrupted"'))
-    again = train_or_reuse(cfg, reuse=True)
-    assert again.status == "completed" and again.summary["steps_done"] == 4
-
-
-def test_ctrl_c_stops_the_whole_grid_after_saving_the_current_run(tmp_path, monkeypatch):
-    """SIGINT during the second run: that run ends "interrupted" on disk, then KeyboardInterrupt reaches
-    the caller as it would without the trainer's handler, and no later run starts."""
+def signal_at_step(monkeypatch, step, signum=signal.SIGTERM, nth_load=1):
+    """Make the `nth_load`-th dataset that the trainer loads send `signum` when batch `step` is read."""
     real_load = train_module.load_data
     loads = []
 
     def load_data(*args, **kwargs):
         data = real_load(*args, **kwargs)
         loads.append(data)
-        if len(loads) == 2:
+        if len(loads) == nth_load:
             real_batch = data.train_batch
 
             def train_batch(i, batch_size):
-                if i == 0:
-                    signal.raise_signal(signal.SIGINT)
+                if i == step:
+                    signal.raise_signal(signum)
                 return real_batch(i, batch_size)
 
             data.train_batch = train_batch
         return data
 
     monkeypatch.setattr(train_module, "load_data", load_data)
+    return loads
+
+
+def test_config_key_follows_what_a_run_computes_not_how_it_is_kept(tmp_path):
+    cfg = tiny(tmp_path)
+    same = tiny(tmp_path, results_dir="elsewhere", run_id="x", save_checkpoint=False, checkpoint_interval=3,
+                progress=True, cache_dir="/tmp/cache")
+    assert config_key(cfg) == config_key(same)
+    for change in ({"lr": 2e-3}, {"seed": 1}, {"hparams": {"adam_betas": (0.9, 0.95)}}, {"eval_tokens": 32 * 16}):
+        assert config_key(tiny(tmp_path, **change)) != config_key(cfg), change
+
+
+def test_modes_train_resume_and_reuse(tmp_path):
+    base = tiny(tmp_path, run_id=None)
+    grid = [{"lr": 1e-3}, {"lr": 1e-3, "tag": "again"}, {"optimizer": "sgd", "lr": 1e12, "warmup_frac": 0.0}]
+    table = run_grid(base, grid, tmp_path / "grid", progress=False)
+    assert [r.rsplit("-", 1)[0] for r in table.run_id] == ["adamw-lr0.001-seed0", "again-lr0.001-seed0",
+                                                          "sgd-lr1e+12-seed0"]
+    assert list(table.status) == ["completed", "completed", "diverged"]
+    assert table.final_val_loss[0] == table.final_val_loss[1] and table.final_val_loss[2] == float("inf")
+    # Finished study runs keep no checkpoint.
+    assert not list((tmp_path / "grid").glob("*/checkpoint.pt"))
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "grid").glob("*/metrics.jsonl")}
+    for mode in ("resume", "reuse"):
+        again = run_grid(base, grid, tmp_path / "grid", mode=mode, progress=False)
+        assert again.equals(table)
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "grid").glob("*/metrics.jsonl")}
+    # A changed setting is another run: missing in reuse mode, trained in resume mode.
+    with pytest.raises(MissingRunsError, match="1 run"):
+        run_grid(base, [{"lr": 1e-3}, {"lr": 5e-4}], tmp_path / "grid", mode="reuse", progress=False)
+    more = run_grid(base, [{"lr": 1e-3}, {"lr": 5e-4}], tmp_path / "grid", mode="resume", progress=False)
+    assert list(more.status) == ["completed", "completed"]
+    assert set(load_runs(tmp_path / "grid").run_id) == set(table.run_id) | set(more.run_id)
+    assert sorted(load_runs(tmp_path / "grid").tag) == ["", "", "", "again"]
+
+
+def test_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypatch):
+    base = tiny(tmp_path, run_id=None, tokens=2 * 32 * 8)
+    reference = run_grid(base, [{"lr": 1e-3}], tmp_path / "ref", progress=False)
+    signal_at_step(monkeypatch, 5)
+
+    def exit_143(signum, frame):  # stands in for the default action, which would end the test process
+        raise SystemExit(143)
+
+    old = signal.signal(signal.SIGTERM, exit_143)
+    try:
+        with pytest.raises(SystemExit):  # the signal is re-raised once the run has saved its state
+            run_grid(base, [{"lr": 1e-3}], tmp_path / "grid", progress=False)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    monkeypatch.undo()
+    (run_dir,) = (tmp_path / "grid").glob("*/")
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
+    assert (run_dir / "checkpoint.pt").exists()
+    resumed = run_grid(base, [{"lr": 1e-3}], tmp_path / "grid", mode="resume", progress=False)
+    assert resumed.final_val_loss[0] == reference.final_val_loss[0]
+    assert metrics(run_dir) == metrics(tmp_path / "ref" / reference.run_id[0])
+
+
+def test_ctrl_c_stops_the_whole_grid_after_saving_the_current_run(tmp_path, monkeypatch):
+    """SIGINT during the second run: that run ends "interrupted" on disk, then KeyboardInterrupt reaches
+    the caller as it would without the trainer's handler, and no later run starts."""
+    loads = signal_at_step(monkeypatch, 0, signal.SIGINT, nth_load=2)
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        base = micro(tmp_path, run_id=None)
+        base = tiny(tmp_path, run_id=None)
         with pytest.raises(KeyboardInterrupt):
             run_grid(base, [{"lr": 1e-3}, {"lr": 2e-3}, {"lr": 3e-3}], tmp_path / "grid", progress=False)
     finally:
         signal.signal(signal.SIGINT, old)
     assert len(loads) == 2
-    cut = (tmp_path / "grid" / "adamw-lr0.002-seed0" / "summary.json").read_text()
-    assert '"interrupted"' in cut
-    assert not (tmp_path / "grid" / "adamw-lr0.003-seed0").exists()
+    (cut,) = (tmp_path / "grid").glob("adamw-lr0.002-seed0-*/summary.json")
+    assert '"interrupted"' in cut.read_text()
+    assert not list((tmp_path / "grid").glob("adamw-lr0.003-seed0-*"))
 
 
-def test_run_grid_table_has_one_row_per_run(tmp_path):
-    base = micro(tmp_path, run_id=None)
-    table = run_grid(base, [{"lr": 1e-3}, {"lr": 1e-3, "tag": "again"}, {"optimizer": "sgd", "lr": 1e12,
-                                                                          "warmup_frac": 0.0}],
-                     tmp_path / "grid", progress=False)
-    assert list(table.run_id) == ["adamw-lr0.001-seed0", "again-lr0.001-seed0", "sgd-lr1e+12-seed0"]
-    assert list(table.status) == ["completed", "completed", "diverged"]
-    assert table.final_val_loss[0] == table.final_val_loss[1] and table.final_val_loss[2] == float("inf")
-    # Study runs keep no checkpoint unless asked.
-    assert not list((tmp_path / "grid").glob("*/checkpoint.pt"))
-    reused = run_grid(base, [{"lr": 1e-3}], tmp_path / "grid", reuse=True, progress=False)
-    assert reused.final_val_loss[0] == table.final_val_loss[0]
+def test_parallel_workers_give_the_same_runs(tmp_path):
+    base = tiny(tmp_path, run_id=None)
+    grid = [{"lr": 1e-3}, {"lr": 2e-3, "seed": 1}, {"optimizer": "sinkgd", "lr": 1e-3, "hparams": {"adam_lr": 1e-3}}]
+    serial = run_grid(base, grid, tmp_path / "serial", progress=False)
+    parallel = run_grid(base, grid, tmp_path / "parallel", jobs=2, progress=False)
+    assert list(parallel.run_id) == list(serial.run_id)
+    assert list(parallel.final_val_loss) == list(serial.final_val_loss)
+    for rid in serial.run_id:
+        assert metrics(tmp_path / "parallel" / rid) == metrics(tmp_path / "serial" / rid)
+
+
+def test_run_one_reuse_mode_needs_a_finished_run(tmp_path):
+    cfg = tiny(tmp_path)
+    with pytest.raises(MissingRunsError):
+        run_one(cfg, "reuse")
+    first = run_one(cfg, "train")
+    assert run_one(cfg, "reuse").summary == first.summary
+    with pytest.raises(ValueError, match="mode"):
+        run_one(cfg, "bogus")

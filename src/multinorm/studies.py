@@ -1,13 +1,16 @@
 """Run the study notebooks with papermill: `make figures` (SCALE=default|quick) and `make smoke`.
 
     python -m multinorm.studies figures --scale default   # results/, figures/, README tables
-    python -m multinorm.studies figures --scale quick     # the same notebooks, smaller budgets
+    python -m multinorm.studies figures --resume --jobs 2 # continue an interrupted campaign, 2 runs at a time
+    python -m multinorm.studies figures --reuse           # redraw everything from the finished runs
+    python -m multinorm.studies figures --scale quick     # smaller budgets, into results/quick/, figures/quick/
     python -m multinorm.studies smoke                     # tiny parameters, into a temporary folder
     python -m multinorm.studies figures --only 02_convergence --set device=cuda --set dataset=c4
 
 Each notebook's `parameters` cell holds its default-scale values; a scale only overrides some of
-them. Executed copies go to `results/notebooks/`, and the wall time of each notebook to
-`results/notebooks/timing.csv`, from which README states how long `make figures` takes.
+them. Executed copies go to `<results>/notebooks/`, and the wall time of each notebook (full runs only)
+to `<results>/notebooks/timing.csv`, from which README states how long `make figures` takes. Only the
+default scale, written to `results/`, rewrites README's results sections.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ def run_notebook(name: str, parameters: dict[str, Any], output_dir: Path, cwd: P
 
 
 def run_all(scale: str, results_dir: Path, figures_dir: Path, only: list[str] | None = None,
-            overrides: dict[str, Any] | None = None, reuse_runs: bool = False) -> dict[str, float]:
+            overrides: dict[str, Any] | None = None, run_mode: str = "train", jobs: int = 1) -> dict[str, float]:
     """Run the notebooks in order (later ones read earlier ones' CSVs); return seconds per notebook."""
     if scale not in SCALES:
         raise SystemExit(f"error: unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
@@ -78,8 +81,8 @@ def run_all(scale: str, results_dir: Path, figures_dir: Path, only: list[str] | 
         raise SystemExit(f"error: unknown notebook(s) {unknown}; valid: {', '.join(NOTEBOOKS)}")
     timings = {}
     for name in names:
-        params = {"results_dir": str(results_dir), "figures_dir": str(figures_dir), "reuse_runs": reuse_runs,
-                  "scale": scale, **SCALES[scale][name], **(overrides or {})}
+        params = {"results_dir": str(results_dir), "figures_dir": str(figures_dir), "run_mode": run_mode,
+                  "jobs": jobs, "scale": scale, **SCALES[scale][name], **(overrides or {})}
         print(f"[{time.strftime('%H:%M:%S')}] {name} ({scale}) ...", flush=True)
         timings[name] = run_notebook(name, params, results_dir / "notebooks")
         print(f"[{time.strftime('%H:%M:%S')}] {name} done in {timings[name] / 60:.1f} min", flush=True)
@@ -116,10 +119,22 @@ def main(argv: list[str] | None = None) -> int:
     fig.add_argument("--only", nargs="+", metavar="NOTEBOOK", help=f"run only these of: {', '.join(NOTEBOOKS)}")
     fig.add_argument("--set", action="append", default=[], type=parse_assignment, metavar="KEY=VALUE",
                      help="override a notebook parameter for every notebook (e.g. device=cuda, dataset=c4, model=60m)")
-    fig.add_argument("--reuse-runs", action="store_true", help="read back finished runs instead of training them again")
-    fig.add_argument("--results-dir", default=str(REPO / "results"), help="where CSVs, runs and executed notebooks go")
-    fig.add_argument("--figures-dir", default=str(REPO / "figures"), help="where PNG/PDF figures go")
-    fig.add_argument("--no-readme", action="store_true", help="do not rewrite README's results sections")
+    modes = fig.add_mutually_exclusive_group()
+    modes.add_argument("--resume", action="store_true",
+                       help="train only the runs that are missing or unfinished; keep finished runs with the same "
+                            "configuration (continues an interrupted campaign)")
+    modes.add_argument("--reuse", action="store_true",
+                       help="train nothing: redraw every figure and table from the finished runs in the results folder")
+    fig.add_argument("--jobs", type=int, default=1, help="runs trained in parallel worker processes (threads per "
+                                                         "run: cores / jobs)")
+    fig.add_argument("--results-dir", default=None,
+                     help="where CSVs, runs and executed notebooks go (default: results/, or results/<scale>/ for "
+                          "a scale other than default)")
+    fig.add_argument("--figures-dir", default=None,
+                     help="where PNG/PDF figures go (default: figures/, or figures/<scale>/ for a scale other than "
+                          "default)")
+    fig.add_argument("--no-readme", action="store_true",
+                     help="do not rewrite README's results sections (only the default scale in results/ ever does)")
     smoke = sub.add_parser("smoke", help="run every notebook with tiny parameters into a temporary folder")
     smoke.add_argument("--keep", action="store_true", help="print and keep the temporary folder")
     args = parser.parse_args(argv)
@@ -134,12 +149,17 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(tmp, ignore_errors=True)
         return 0
 
-    results_dir, figures_dir = Path(args.results_dir), Path(args.figures_dir)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    sub_dir = "" if args.scale == "default" else args.scale  # other scales never overwrite the committed ones
+    results_dir = Path(args.results_dir) if args.results_dir else REPO / "results" / sub_dir
+    figures_dir = Path(args.figures_dir) if args.figures_dir else REPO / "figures" / sub_dir
+    mode = "resume" if args.resume else "reuse" if args.reuse else "train"
     start = time.perf_counter()
-    timings = run_all(args.scale, results_dir, figures_dir, args.only, dict(args.set), args.reuse_runs)
-    if not args.reuse_runs:  # read-back runs cost nothing; keep the timing of the last full run
+    timings = run_all(args.scale, results_dir, figures_dir, args.only, dict(args.set), mode, args.jobs)
+    if mode == "train":  # read-back or partial runs say nothing about the time a full run takes
         _write_timing(results_dir, args.scale, timings)
-    if not args.no_readme:
+    if not args.no_readme and args.scale == "default" and results_dir.resolve() == (REPO / "results").resolve():
         from multinorm.report import update_readme
 
         updated = update_readme(REPO / "README.md", results_dir)

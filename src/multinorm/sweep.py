@@ -1,16 +1,31 @@
-"""Grids of training runs for the studies: run them (reusing finished ones on request) and tabulate.
+"""Grids of training runs for the studies: run them (in parallel workers), resume or reuse them, tabulate.
 
-A study is a list of overrides of one base `TrainConfig`; each run lands in
-`results/runs/<study>/<run-id>/` like any CLI run, so a notebook's table can always be rebuilt from
-the run folders alone (`load_runs`).
+A study is a list of overrides of one base `TrainConfig`. Each run lands in
+`results/runs/<study>/<label>-lr<lr>-seed<seed>-<key>/` like any CLI run, where `<key>` is a short hash of
+the run's full configuration (everything that changes what it computes; not the code's commit), so a
+notebook's tables can always be rebuilt from the run folders alone (`load_runs`, `load_curves`).
+
+Three modes, one per `make figures` variant:
+
+    train    train every run again, replacing its folder              (make figures)
+    resume   keep finished runs with the same configuration, continue   (make figures RESUME=1)
+             unfinished ones from their checkpoint, train missing ones
+    reuse    train nothing: read the finished runs, fail on a missing one (make figures REUSE=1)
+
+`jobs > 1` trains independent runs in that many worker processes, each with `cores // jobs` torch threads
+(small models scale poorly over threads, so several single-thread runs beat one two-thread run).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
+import os
 import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -19,77 +34,159 @@ from tqdm.auto import tqdm
 
 from multinorm.train import RunResult, TrainConfig, read_metrics, train
 
-__all__ = ["run_id", "train_or_reuse", "run_grid", "load_runs", "load_curves", "best_lr"]
+__all__ = ["MODES", "MissingRunsError", "config_key", "run_id", "run_one", "run_grid", "load_runs", "load_curves",
+           "best_lr"]
 
-# Settings that change how a run is kept, not what it computes.
-_BOOKKEEPING = {"save_checkpoint", "checkpoint_interval", "progress"}
+MODES = ("train", "resume", "reuse")
+# Settings that change how or where a run is kept, not what it computes.
+_BOOKKEEPING = {"save_checkpoint", "checkpoint_interval", "progress", "results_dir", "run_id", "cache_dir"}
 # A run that ended with one of these is a result; an interrupted one is not.
 _FINISHED = {"completed", "diverged"}
+# Study runs checkpoint this many times, so an interrupted campaign loses at most a quarter of a run.
+_CHECKPOINTS_PER_RUN = 4
 
 
-def run_id(optimizer: str, lr: float, seed: int, tag: str | None = None) -> str:
-    """Folder name of one run of a study: <tag or optimizer>-lr<lr>-seed<seed>."""
-    return f"{tag or optimizer}-lr{lr:g}-seed{seed}"
+class MissingRunsError(RuntimeError):
+    """`reuse` mode met runs that are not in the results folder."""
 
 
-def _same_run(old: dict[str, Any], new: dict[str, Any]) -> bool:
-    """Whether a recorded config computes the same run as `new` (bookkeeping settings aside)."""
-    keys = (set(old) | set(new)) - _BOOKKEEPING
-    return all(k in old and k in new and old[k] == new[k] for k in keys)
+def _computed(cfg: TrainConfig | dict[str, Any]) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg) if isinstance(cfg, TrainConfig) else dict(cfg)
+    d = json.loads(json.dumps(d))  # as recorded in config.json (tuples become lists)
+    return {k: v for k, v in d.items() if k not in _BOOKKEEPING}
 
 
-def _finished_run(cfg: TrainConfig) -> RunResult | None:
-    """The finished run of `cfg` already in its folder, if there is one with the same config."""
-    run_dir = Path(cfg.results_dir) / (cfg.run_id or cfg.default_run_id())
+def config_key(cfg: TrainConfig) -> str:
+    """Eight hex digits identifying what `cfg` computes (bookkeeping settings aside)."""
+    text = json.dumps(_computed(cfg), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def run_id(label: str, lr: float, seed: int, key: str) -> str:
+    """Folder name of one study run: <label>-lr<lr>-seed<seed>-<config key>."""
+    return f"{label}-lr{lr:g}-seed{seed}-{key}"
+
+
+def _recorded(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(config, summary) as recorded in a run folder; None for what is missing."""
     config_path, summary_path = run_dir / "config.json", run_dir / "summary.json"
-    if not (config_path.exists() and summary_path.exists()):
-        return None
-    summary = json.loads(summary_path.read_text())
-    # Compare as recorded in config.json, where tuples are lists.
-    new = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    if summary.get("status") in _FINISHED and _same_run(json.loads(config_path.read_text())["config"], new):
-        return RunResult(run_dir, summary)
-    return None
+    config = json.loads(config_path.read_text())["config"] if config_path.exists() else None
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else None
+    return config, summary
 
 
-def train_or_reuse(cfg: TrainConfig, *, reuse: bool = False) -> RunResult:
-    """Train `cfg` into its run folder, replacing what is there; with `reuse`, return the finished run
-    already there instead when it was trained with the same config.
+def _action(cfg: TrainConfig, mode: str) -> tuple[str, RunResult | None]:
+    """What `mode` does with `cfg`'s folder: ("read", result), ("resume", None), ("train", None) or
+    ("missing", None)."""
+    run_dir = Path(cfg.results_dir) / cfg.run_id
+    if mode == "train":
+        return "train", None
+    config, summary = _recorded(run_dir)
+    same = config is not None and _computed(config) == _computed(cfg)
+    if same and summary is not None and summary.get("status") in _FINISHED:
+        return "read", RunResult(run_dir, summary)
+    if mode == "reuse":
+        return "missing", None
+    if same and (run_dir / "checkpoint.pt").exists():
+        return "resume", None
+    return "train", None
 
-    A run stopped by SIGINT/SIGTERM re-raises that signal once `train` has saved its state, so a
-    Ctrl-C stops the whole study, not just its current run.
-    """
-    if reuse and (finished := _finished_run(cfg)) is not None:
-        return finished
-    result = train(cfg, overwrite=True)
-    if result.status == "interrupted":
-        signal.raise_signal(signal.Signals[result.summary["signal"]])
+
+def _execute(cfg: TrainConfig, action: str, threads: int | None = None, keep_checkpoint: bool = True) -> RunResult:
+    """Train (or resume) one run, in the caller's process or in a worker. Study grids drop the checkpoint
+    of a finished run (their runs are read back from the metrics); a single run keeps it."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    result = train(cfg, resume=action == "resume", overwrite=action == "train")
+    if not keep_checkpoint and result.status in _FINISHED:
+        (result.run_dir / "checkpoint.pt").unlink(missing_ok=True)
     return result
 
 
-def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str | Path, *,
-             reuse: bool = False, progress: bool = True) -> pd.DataFrame:
-    """Run every override in `grid` on top of `base`; return one summary row per run.
+def _reraise_interrupt(result: RunResult) -> None:
+    if result.status == "interrupted":
+        signal.raise_signal(signal.Signals[result.summary["signal"]])
 
-    Each override may set any `TrainConfig` field plus `tag` (a label kept in the table and in the
-    run id, e.g. an ablation name). With `reuse`, runs whose folder already holds a finished run
-    with the same config are read back instead of trained again (see `train_or_reuse`). Diverged runs stay in the table
-    with `status == "diverged"` and an infinite final loss, so a sweep never dies on a bad lr.
-    """
-    grid = list(grid)
-    rows = []
-    outer = tqdm(grid, desc=Path(results_dir).name, unit="run", disable=not progress, dynamic_ncols=True)
-    for override in outer:
+
+def run_one(cfg: TrainConfig, mode: str = "train") -> RunResult:
+    """One run in `mode` (see the module docstring). A run stopped by SIGINT/SIGTERM re-raises that signal
+    once `train` has saved its state, so a Ctrl-C stops the whole study, not just its current run."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    action, result = _action(cfg, mode)
+    if action == "missing":
+        raise MissingRunsError(f"no finished run with this configuration in {Path(cfg.results_dir) / cfg.run_id}; "
+                               "train it first (mode 'resume' or 'train')")
+    if result is None:
+        result = _execute(cfg, action)
+        _reraise_interrupt(result)
+    return result
+
+
+def _configs(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str | Path
+             ) -> list[tuple[TrainConfig, str | None]]:
+    out = []
+    for override in grid:
         override = dict(override)
         tag = override.pop("tag", None)
-        # Study runs are read back from their metrics, never resumed: no multi-megabyte checkpoints.
-        override.setdefault("save_checkpoint", False)
-        cfg = dataclasses.replace(base, **override, results_dir=str(results_dir), progress=False)
-        cfg.run_id = cfg.run_id or run_id(cfg.optimizer, cfg.lr, cfg.seed, tag)
-        outer.set_postfix_str(cfg.run_id)
-        result = train_or_reuse(cfg, reuse=reuse)
-        rows.append(_summary_row(result.run_dir, result.summary, cfg, tag))
-    return pd.DataFrame(rows)
+        cfg = dataclasses.replace(base, **override, results_dir=str(results_dir), progress=False, run_id=None)
+        cfg.save_checkpoint = True
+        cfg.checkpoint_interval = max(1, cfg.steps // _CHECKPOINTS_PER_RUN)
+        cfg.run_id = run_id(tag or cfg.optimizer, cfg.lr, cfg.seed, config_key(cfg))
+        out.append((cfg, tag))
+    return out
+
+
+def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str | Path, *,
+             mode: str = "train", jobs: int = 1, progress: bool = True) -> pd.DataFrame:
+    """Run every override in `grid` on top of `base` in `mode`; return one summary row per run, in grid order.
+
+    Each override may set any `TrainConfig` field plus `tag` (a label kept in the table and in the run id,
+    e.g. an ablation name). Diverged runs stay in the table with `status == "diverged"` and an infinite final
+    loss, so a sweep never dies on a bad lr. With `jobs > 1` the runs to train go to that many worker
+    processes. In `reuse` mode every missing run is listed in one `MissingRunsError`.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
+    planned = _configs(base, grid, results_dir)
+    actions = [_action(cfg, mode) for cfg, _ in planned]
+    missing = [cfg.run_id for (cfg, _), (action, _) in zip(planned, actions) if action == "missing"]
+    if missing:
+        raise MissingRunsError(f"{len(missing)} run(s) missing from {results_dir} (train them with "
+                               f"RESUME=1 first): {', '.join(missing)}")
+    results: list[RunResult | None] = [result for _, result in actions]
+    todo = [i for i, (action, _) in enumerate(actions) if action in ("train", "resume")]
+    bar = tqdm(total=len(planned), initial=len(planned) - len(todo), desc=Path(results_dir).name, unit="run",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        if jobs == 1 or len(todo) <= 1:
+            for i in todo:
+                bar.set_postfix_str(planned[i][0].run_id)
+                results[i] = _execute(planned[i][0], actions[i][0], keep_checkpoint=False)
+                _reraise_interrupt(results[i])
+                bar.update(1)
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+                futures = {pool.submit(_execute, planned[i][0], actions[i][0], threads, False): i for i in todo}
+                try:
+                    for future in as_completed(futures):
+                        i = futures[future]
+                        results[i] = future.result()
+                        bar.set_postfix_str(planned[i][0].run_id)
+                        bar.update(1)
+                except BaseException:
+                    pool.shutdown(wait=True, cancel_futures=True)
+                    raise
+            for result in results:
+                _reraise_interrupt(result)
+    finally:
+        bar.close()
+    return pd.DataFrame([_summary_row(r.run_dir, r.summary, cfg, tag) for r, (cfg, tag) in zip(results, planned)])
 
 
 def _summary_row(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig, tag: str | None) -> dict[str, Any]:
@@ -107,23 +204,21 @@ def _summary_row(run_dir: Path, summary: dict[str, Any], cfg: TrainConfig, tag: 
 
 
 def load_runs(results_dir: str | Path) -> pd.DataFrame:
-    """The summary table of every run folder under `results_dir` (the same columns as `run_grid`)."""
+    """The summary table of every finished run folder under `results_dir` (the same columns as `run_grid`)."""
     rows = []
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
     for config_path in sorted(Path(results_dir).glob("*/config.json")):
-        run_dir = config_path.parent
-        summary_path = run_dir / "summary.json"
-        if not summary_path.exists():
+        config, summary = _recorded(config_path.parent)
+        if summary is None:
             continue
-        record = json.loads(config_path.read_text())["config"]
-        cfg = TrainConfig(**{k: v for k, v in record.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}})
-        tag = _tag_from_run_id(run_dir.name, cfg)
-        rows.append(_summary_row(run_dir, json.loads(summary_path.read_text()), cfg, tag))
+        cfg = TrainConfig(**{k: v for k, v in config.items() if k in fields})
+        rows.append(_summary_row(config_path.parent, summary, cfg, _tag_from_run_id(config_path.parent.name, cfg)))
     return pd.DataFrame(rows)
 
 
 def _tag_from_run_id(name: str, cfg: TrainConfig) -> str | None:
-    suffix = f"-lr{cfg.lr:g}-seed{cfg.seed}"
-    label = name[:-len(suffix)] if name.endswith(suffix) else None
+    marker = f"-lr{cfg.lr:g}-seed{cfg.seed}"
+    label = name[:name.rfind(marker)] if marker in name else None
     return label if label and label != cfg.optimizer else None
 
 
