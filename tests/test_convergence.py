@@ -1,0 +1,88 @@
+"""The convergence study's protocol: grid extension, seeds, paired comparisons and verdicts."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from multinorm.convergence import (ConvergenceStudy, StudyMethod, _extension, best_config, interior,
+                                   paired_comparisons, seed_curves, verdict_table)
+from multinorm.train import TrainConfig
+
+
+def sweep_table(points):
+    return pd.DataFrame([{"method": "m", "lr": lr, "beta2": b2, "final_val_loss": loss} for lr, b2, loss in points])
+
+
+def test_grid_extension_moves_towards_the_better_edge():
+    assert _extension(sweep_table([(1, 0.95, 5.0), (2, 0.95, 4.0), (4, 0.95, 4.5)])) is None
+    assert _extension(sweep_table([(1, 0.95, 5.0), (2, 0.95, 4.8), (4, 0.95, 4.5)])) == 8
+    assert _extension(sweep_table([(1, 0.95, 4.0), (2, 0.95, 4.8), (4, 0.95, math.inf)])) == 0.5
+    # the edge is judged at the best beta2 only
+    assert _extension(sweep_table([(1, 0.95, 4.0), (2, 0.95, 4.8), (1, 0.999, 5.0), (2, 0.999, 4.9),
+                                   (0.5, 0.999, 5.5)])) == 0.5
+    assert _extension(sweep_table([(0.0, 0.95, 4.0)])) is None
+
+
+def synthetic(method_speed, seeds=(1, 2, 3, 4, 5)):
+    """Final table and curves where `method` follows the baseline's curve `method_speed` times faster."""
+    tokens = np.linspace(0, 1000, 21)
+    final, curves = [], []
+    for seed in seeds:
+        noise = 0.01 * seed
+        for method, speed in (("base", 1.0), ("fast", method_speed)):
+            loss = 8 - 3 * np.sqrt(speed * tokens / 1000) + noise
+            rid = f"{method}-{seed}"
+            final.append({"method": method, "seed": seed, "run_id": rid, "final_val_loss": loss[-1],
+                          "tokens_per_s": 1000.0 * (1.1 if method == "fast" else 1.0)})
+            curves += [{"run_id": rid, "tokens": t, "val_loss": y} for t, y in zip(tokens, loss)]
+    return pd.DataFrame(final), pd.DataFrame(curves)
+
+
+def test_paired_comparisons_recover_a_known_speed_up():
+    final, curves = synthetic(2.0)
+    table = paired_comparisons(final, curves, "base").set_index("quantity")
+    for f in ("speedup_50", "speedup_75", "speedup_100"):
+        assert table.loc[f, "estimate"] == pytest.approx(2.0, rel=0.03)
+        assert table.loc[f, "n"] == 5 and table.loc[f, "censored"] == 0
+    assert table.loc["throughput_ratio", "estimate"] == pytest.approx(1.1)
+    assert table.loc["final_loss_diff", "ci_high"] < 0  # the fast method ends lower on every seed
+
+
+def test_a_slower_method_is_contradicted_and_censored_seeds_are_counted():
+    final, curves = synthetic(0.5)
+    table = paired_comparisons(final, curves, "base").set_index("quantity")
+    # never reaching the baseline's final loss: censored at the bound T_base / budget = 1
+    assert table.loc["speedup_100", "censored"] == 5 and table.loc["speedup_100", "ci_high"] == pytest.approx(1.0)
+    assert table.loc["speedup_50", "estimate"] == pytest.approx(0.5, rel=0.05)
+    rename = {r: r.replace("fast", "swan") for r in curves.run_id.unique()}
+    final = final.replace({"fast": "swan", **rename})
+    curves = curves.replace(rename)
+    verdicts = verdict_table(final, curves, baseline="base").set_index("claim")
+    assert verdicts.iloc[0].verdict == "contradicted"
+
+
+def test_a_tiny_study_end_to_end(tmp_path):
+    base = TrainConfig(model="nano", seq_len=32, batch_size=2, tokens=2 * 32 * 6, eval_interval=2, log_interval=2,
+                       eval_tokens=32 * 8, eval_batch_size=8, vocab_size=4096)
+    study = ConvergenceStudy(base, tmp_path / "runs", max_extensions=1, progress=False)
+    adamw = StudyMethod("adamw", "adamw", (1e-3, 2e-3), seeds=2, rest_adamw=False, tune_beta2=True)
+    others = [StudyMethod("adamw-split", "adamw", (1e-3,), seeds=2, tune_beta2=True),
+              StudyMethod("frozen-hidden", "adamw", (0.0,), seeds=2),
+              StudyMethod("sinkgd", "sinkgd", (1e-3, 2e-3), seeds=2)]
+    sweep = pd.concat([study.tune_adamw(adamw), study.tune(others)], ignore_index=True)
+    assert study.adamw["beta2"] in (0.95, 0.999)
+    assert set(sweep[sweep.method == "adamw"].beta2) == {0.95, 0.999}
+    # the mixed methods' AdamW part runs at the tuned AdamW lr and beta2
+    sink = sweep[sweep.method == "sinkgd"].hparams.iloc[0]
+    assert f'"adam_lr": {study.adamw["lr"]}' in sink and f'{study.adamw["beta2"]}' in sink
+    assert set(interior(sweep).method) == {"adamw", "adamw-split", "frozen-hidden", "sinkgd"}
+    final = study.seeds([adamw, *others], sweep)
+    assert sorted(final.groupby("method").seed.apply(list).iloc[0]) == [1, 2]  # the sweep's seed 0 is not reused
+    best = best_config(sweep).set_index("method")
+    assert (final.groupby("method").lr.first() == best.lr.loc[final.groupby("method").lr.first().index]).all()
+    curves = seed_curves(final, tmp_path / "runs")
+    table = paired_comparisons(final, curves, "adamw")
+    assert set(table.method) == {"adamw-split", "frozen-hidden", "sinkgd"}
+    assert (table.n == 2).all()
