@@ -2,8 +2,11 @@
 
 import pytest
 
-from multinorm.memory import METHODS, analytic_memory, state_elements
-from multinorm.optim import OPTIMIZERS
+import torch
+
+from multinorm.llama import build_model
+from multinorm.memory import METHODS, analytic_memory, default_rank, state_elements
+from multinorm.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
 
 STATELESS = ("sgd", "sinkgd", "swan", "swan-nsds", "mngd", "swan-0")
 
@@ -51,13 +54,41 @@ def test_analytic_memory_in_the_papers_convention():
 
 def test_low_rank_state_follows_the_rank():
     r = 16
-    per_layer = {  # (m, n) of q, k, v, o, gate, up, down
-        "galore": 4 * (D * r + 2 * r * D) + 2 * (D * r + 2 * r * F) + (D * r + 2 * r * F),
-        "apollo": 4 * (2 * r * D) + 3 * (2 * r * F),
-    }
-    assert state_elements("60m", "galore", rank=r)["hidden"] == LAYERS * per_layer["galore"]
-    assert state_elements("60m", "apollo", rank=r)["hidden"] == LAYERS * per_layer["apollo"]
+    # (m, n) of q, k, v, o (d x d), gate, up (f x d), down (d x f): a min(m, n) x r projector plus two
+    # r x max(m, n) moments; APOLLO's random projector is kept in the state like GaLore's SVD one
+    per_layer = 4 * (D * r + 2 * r * D) + 3 * (D * r + 2 * r * F)
+    for name in ("galore", "fira", "apollo", "apollo-mini"):
+        assert state_elements("60m", name, rank=r)["hidden"] == LAYERS * per_layer
     assert 0 < state_elements("60m", "galore")["hidden"] < state_elements("60m", "adamw")["hidden"]
+
+
+def test_default_rank_is_the_benchmark_rank_at_paper_sizes_and_the_registry_default_elsewhere():
+    assert default_rank("60m", "galore") == 128 and default_rank("1b", "galore") == 512
+    assert default_rank("350m", "apollo-mini") == 1
+    for name in ("galore", "fira", "apollo", "apollo-mini"):
+        for model in ("nano", "micro"):
+            assert default_rank(model, name) == OPTIMIZERS[name].defaults["rank"]
+    assert default_rank("micro", "apollo-mini") == 1
+    assert default_rank("micro", "adamw") is None and default_rank("micro", "sinkgd") is None
+    assert state_elements("micro", "apollo-mini", vocab_size=4096) == state_elements(
+        "micro", "apollo-mini", rank=1, vocab_size=4096)
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_analytic_state_is_what_the_optimizer_keeps(name):
+    # One step of the registry's optimizer (its default hyperparameters) on nano: the bytes in its state are
+    # the analytic count in fp32, plus one-element tensors (step counters, norm-growth-limiter norms) that the
+    # count leaves out, at most one per parameter tensor.
+    torch.manual_seed(0)
+    model = build_model("nano", 4096)
+    optimizer = build_optimizer(model, name, 1e-3)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    measured = optimizer_state_bytes(optimizer)
+    analytic = 4 * state_elements("nano", name, vocab_size=4096)["total"]
+    n_tensors = len(list(model.parameters()))
+    assert 0 <= measured - analytic <= 4 * n_tensors and (measured - analytic) % 4 == 0
 
 
 @pytest.mark.parametrize("name", ["adam", "adamw-split", "SinkGD", ""])

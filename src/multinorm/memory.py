@@ -5,17 +5,36 @@ states in BF16 (2 bytes each) and leaves out gradients and activations:
 
     memory = bytes_per_value · (P_total + S),   S = state elements of the method
 
-State elements per hidden matrix W ∈ ℝ^{m×n} (r = projection rank):
+State elements per hidden matrix W ∈ ℝ^{m×n} (r = projection rank), as the optimizers run by this package
+(``multinorm.optim.build_optimizer``: torch and the methods' own packages) keep them:
 
     AdamW                          2mn                        (first and second moments)
     SGD                            0                          (mn with momentum)
     SinkGD, SWAN, SWAN-NSDS, MNGD  0                          (stateless: the update is a function of the gradient)
     Muon                           mn                         (momentum buffer)
-    GaLore, Fira                   min(m,n)·r + 2·r·max(m,n)  (projector + moments in the rank-r subspace)
-    APOLLO(-Mini)                  2·r·max(m,n)               (moments in a random subspace re-drawn from a seed)
+    GaLore, Fira                   min(m,n)·r + 2·r·max(m,n)  (SVD projector + moments in the rank-r subspace;
+                                                               r = min(rank, m, n))
+    APOLLO(-Mini)                  min(m,n)·r + 2·r·max(m,n)  (random projector + moments in the rank-r subspace)
 
 Embeddings, LM head and norms take AdamW (2 state elements each) in every method of the papers'
 recipe except plain SGD and "swan-0", the fully stateless reading of SWAN-0 (docs/algorithms.md#swan-0).
+
+Notes on what is counted:
+
+- **Ranks.** At the paper sizes the rank is the benchmark scripts' (``DEFAULT_RANKS``); at any other size
+  (the CPU models "nano", "micro", ...) it is the registry default of the method,
+  ``multinorm.optim.OPTIMIZERS[name].defaults["rank"]`` (128; APOLLO-Mini 1), the rank a run that sets none
+  uses. Pass ``rank`` to count another one.
+- **APOLLO's projector.** The APOLLO paper re-draws its random projection from a seed, so the projection
+  need not be stored; apollo-torch, the implementation run here, keeps it in the optimizer state between
+  refreshes (a min(m,n)×r matrix, rank not clipped to min(m,n)), so it is counted.
+- **Scalars are left out:** torch AdamW's step counter (one element per parameter tensor), and APOLLO's and
+  Fira's norm-growth-limiter norm (one element per hidden matrix). ``optimizer_state_bytes`` of a run
+  counts them, so it exceeds this count by those few elements.
+- **GaLore's and Fira's projector in fp32.** For fp32 weights galore-torch and fira keep the projector as a
+  slice (view) of the full SVD factor, so the memory held is min(m,n)² elements per matrix, not min(m,n)·r,
+  until the next refresh; with BF16 weights (the convention here) it is a compact copy. The count here, like
+  ``optimizer_state_bytes``, is the slice's elements.
 
 ``METHODS`` holds every name of the optimizer registry (``multinorm.optim.OPTIMIZERS``) plus "swan-0".
 Study labels such as "adamw-split" or "frozen-hidden" are AdamW run at other learning rates: their memory
@@ -28,7 +47,7 @@ from functools import lru_cache
 
 from multinorm.llama import MODEL_CONFIGS, build_model, split_parameters
 
-__all__ = ["METHODS", "DEFAULT_RANKS", "hidden_shapes", "state_elements", "analytic_memory"]
+__all__ = ["METHODS", "DEFAULT_RANKS", "default_rank", "hidden_shapes", "state_elements", "analytic_memory"]
 
 # Projection ranks of the benchmark scripts (docs/benchmark.md#projection-ranks); APOLLO-Mini is rank 1 at
 # every size.
@@ -53,6 +72,20 @@ def hidden_shapes(model: str, vocab_size: int | None = None) -> tuple[tuple[tupl
     return tuple(tuple(p.shape) for _, p in hidden), sum(p.numel() for _, p in rest)
 
 
+def default_rank(model: str, method: str) -> int | None:
+    """The projection rank counted for `method` at `model` when none is given (None: no projection).
+
+    The benchmark scripts' rank at a paper size (``DEFAULT_RANKS``), else the registry default of the
+    method, which is what a training run that sets no rank uses."""
+    if method not in DEFAULT_RANKS:
+        return None
+    if model in DEFAULT_RANKS[method]:
+        return DEFAULT_RANKS[method][model]
+    from multinorm.optim import OPTIMIZERS
+
+    return OPTIMIZERS[method].defaults["rank"]
+
+
 def _matrix_state(method: str, m: int, n: int, rank: int | None) -> int:
     if method == "adamw":
         return 2 * m * n
@@ -60,20 +93,22 @@ def _matrix_state(method: str, m: int, n: int, rank: int | None) -> int:
         return 0
     if method == "muon":
         return m * n
-    r = min(rank, m, n)
-    if method in ("galore", "fira"):
+    if method in ("galore", "fira"):  # the SVD has min(m, n) singular vectors: rank is clipped
+        r = min(rank, m, n)
         return min(m, n) * r + 2 * r * max(m, n)
-    if method in ("apollo", "apollo-mini"):
-        return 2 * r * max(m, n)
+    if method in ("apollo", "apollo-mini"):  # a random min(m, n) x rank projector, any rank
+        return min(m, n) * rank + 2 * rank * max(m, n)
     raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
 
 
 def state_elements(model: str, method: str, rank: int | None = None, vocab_size: int | None = None) -> dict[str, int]:
-    """Optimizer-state element counts of `method` on `model`: hidden matrices, the rest, and the total."""
+    """Optimizer-state element counts of `method` on `model`: hidden matrices, the rest, and the total.
+
+    `rank` (low-rank methods only): the projection rank; default :func:`default_rank`."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
-    if rank is None and method in DEFAULT_RANKS:
-        rank = DEFAULT_RANKS[method].get(model, 128)
+    if rank is None:
+        rank = default_rank(model, method)
     shapes, n_rest = hidden_shapes(model, vocab_size)
     hidden = sum(_matrix_state(method, m, n, rank) for m, n in shapes)
     rest = 0 if method in ("sgd", "swan-0") else 2 * n_rest
