@@ -63,8 +63,9 @@ def test_a_slower_method_is_contradicted_and_censored_seeds_are_counted():
     assert verdicts.iloc[0].verdict == "contradicted"
 
 
+@pytest.mark.slow
 def test_a_tiny_study_end_to_end(tmp_path):
-    base = TrainConfig(model="nano", seq_len=32, batch_size=2, tokens=2 * 32 * 6, eval_interval=2, log_interval=2,
+    base = TrainConfig(model="nano", seq_len=32, batch_size=2, tokens=2 * 32 * 4, eval_interval=2, log_interval=2,
                        eval_tokens=32 * 8, eval_batch_size=8, vocab_size=4096)
     study = ConvergenceStudy(base, tmp_path / "runs", max_extensions=1, progress=False)
     adamw = StudyMethod("adamw", "adamw", (1e-3, 2e-3), seeds=2, rest_adamw=False, tune_beta2=True)

@@ -31,6 +31,7 @@ def test_notebooks_hold_no_algorithm_code():
             assert forbidden not in source, f"{name} contains {forbidden!r}"
 
 
+@pytest.mark.slow
 def test_smoke_run_of_every_notebook(tmp_path, data_cache_root):
     """`make smoke`: each notebook executes with tiny parameters and writes its CSVs and figures.
 

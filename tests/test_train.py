@@ -136,6 +136,7 @@ def test_schedule_state_resumes_exactly(tmp_path):
     assert lrs == pytest.approx([1e-2 * reference_lr(s, 40, 0.1, 0.1) for s in range(40)], rel=1e-12)
 
 
+@pytest.mark.slow
 def test_nano_learns_wiki_sample(tmp_path):
     """AdamW on nano: the validation loss falls well below the uniform-guess loss ln(V)."""
     cfg = tiny(tmp_path, seq_len=128, batch_size=8, tokens=8 * 128 * 120, eval_interval=40, lr=1e-2,
@@ -178,6 +179,7 @@ def test_two_runs_with_the_same_seed_are_identical(tmp_path):
     assert losses(a) != losses(c)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
 def test_every_optimizer_resumes_exactly_after_a_sigterm(name, tmp_path, monkeypatch, guarded_signals):
     """SIGTERM during step 3, between two metric lines, then resume: every metrics line equals the
@@ -223,6 +225,7 @@ def _run_cli(args, **kwargs):
                             stderr=subprocess.PIPE, text=True, **kwargs)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,signame", [("sinkgd", "SIGTERM"), ("adamw", "SIGINT"), ("galore", "SIGTERM")])
 def test_cli_stops_cleanly_on_a_signal_from_outside_and_resumes_exactly(name, signame, tmp_path, one_thread):
     """A real signal sent to `python -m multinorm.train` once its first checkpoint exists; then `--resume`
