@@ -16,6 +16,7 @@ from torch.utils._pytree import tree_leaves
 from multinorm import normalize as N
 from multinorm.optim import MNGD, SWAN, SinkGD, swan_direction
 from multinorm.optim import base
+from multinorm.optim import sinkgd as sinkgd_module
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -435,8 +436,11 @@ class Float32Allocations(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("cache_block", [None, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_sinkgd_step_allocates_one_fp32_matrix_buffer(dtype):
+def test_sinkgd_step_allocates_one_fp32_matrix_buffer(dtype, cache_block, monkeypatch):
+    if cache_block is not None:
+        monkeypatch.setattr(sinkgd_module, "CACHE_BLOCK", cache_block)
     m, n = 48, 80
     W = matrix_with_grad((m, n), dtype=dtype)
     opt = SinkGD([W], lr=0.01, weight_decay=0.1)
@@ -465,11 +469,14 @@ def mixed_parameters(seed=0):
     return params
 
 
-@pytest.mark.parametrize("batch_elements", [None, 2 * 32 * 48])
+@pytest.mark.parametrize("batch_elements,cache_block", [(None, None), (2 * 32 * 48, None), (2 * 32 * 48, 256)],
+                         ids=["one-batch-per-shape", "several-batches", "single-matrices-in-row-blocks"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_batched_sinkgd_step_equals_per_matrix_sr_sinkhorn(batch_elements, weight_decay, monkeypatch):
-    if batch_elements is not None:  # several batches per shape
+def test_batched_sinkgd_step_equals_per_matrix_sr_sinkhorn(batch_elements, cache_block, weight_decay, monkeypatch):
+    if batch_elements is not None:  # several batches per shape, some of a single matrix
         monkeypatch.setitem(base.BATCH_ELEMENTS, "cpu", batch_elements)
+    if cache_block is not None:  # a single matrix counts as large: its step runs in blocks of rows
+        monkeypatch.setattr(sinkgd_module, "CACHE_BLOCK", cache_block)
     params = mixed_parameters()
     before = [(W.detach().clone(), W.grad.clone()) for W in params]
     SinkGD(params, lr=0.01, weight_decay=weight_decay).step()
@@ -514,6 +521,7 @@ class HostSyncs(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("cache_block", [None, 256])
 @pytest.mark.parametrize("make", [
     lambda p: SinkGD(p, weight_decay=0.1),
     lambda p: SinkGD(p, maximize=True),
@@ -523,7 +531,9 @@ class HostSyncs(TorchDispatchMode):
     lambda p: SWAN(p, whiten=False, rescale=False),
     lambda p: MNGD(p, norms=("row", "col", "spectral", "gradnorm", "sign"), weight_decay=0.1),
 ], ids=["sinkgd", "sinkgd-max", "swan", "swan-nsds-diag", "swan-exact-longer", "swan-gradnorm-only", "mngd"])
-def test_step_never_synchronises_with_the_host(make):
+def test_step_never_synchronises_with_the_host(make, cache_block, monkeypatch):
+    if cache_block is not None:
+        monkeypatch.setattr(sinkgd_module, "CACHE_BLOCK", cache_block)
     params = mixed_parameters(seed=2)
     params[0].grad.zero_()  # an all-zero gradient takes no other branch
     opt = make(params)

@@ -380,12 +380,14 @@ def sinkhorn_squares(G: Tensor, out: Tensor) -> Tensor:
     return root
 
 
-def sinkhorn_square_scalings(A: Tensor, iters: int, eps: float) -> tuple[Tensor, Tensor]:
+def sinkhorn_square_scalings(A: Tensor, iters: int, eps: float,
+                             row_sums: Tensor | None = None) -> tuple[Tensor, Tensor]:
     r"""Factors r (..., m), c (..., n) with ``SR-Sinkhorn(G) = Diag(r) G Diag(c)`` for ``A = G * G``.
 
     Iterates the Sinkhorn-Knopp scaling (u, v) of A with row targets n and column targets m (``2 iters``
     mat-vecs, the first being A's row sums), with eps applied as in the literal form at unit entry RMS.
     Reads A only; no host synchronisation. r and c hold the exact factors of the G that A squares.
+    ``row_sums`` (..., m): A's row sums, if the caller already has them (saves the first pass).
     """
     m, n = A.shape[-2:]
     batch = A.shape[:-2]
@@ -394,7 +396,7 @@ def sinkhorn_square_scalings(A: Tensor, iters: int, eps: float) -> tuple[Tensor,
     big = torch.finfo(A.dtype).max
     # tensor constants: a Python scalar in each vector op costs more than the op itself at these sizes
     eps2, n_t, m_t = (torch.full((), value, dtype=A.dtype, device=A.device) for value in (eps * eps, n, m))
-    row_sums = A.sum(dim=-1).unsqueeze(-2)
+    row_sums = (A.sum(dim=-1) if row_sums is None else row_sums.reshape(-1, m)).unsqueeze(-2)
     total = row_sums.sum(dim=-1, keepdim=True)
     # k rescales A to mean 1, i.e. G to unit entry RMS, the scale at which the literal form applies eps.
     # The iteration runs on u' = k u, in which k cancels from both half-steps (A^T u' = k A^T u).

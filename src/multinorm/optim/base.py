@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from ..normalize import unit_max_root
 
 __all__ = ["StatelessMatrixOptimizer", "check_options", "Check", "is_bool", "is_float_at_least", "is_int_at_least",
-           "is_one_of", "compute_dtype", "BATCH_ELEMENTS"]
+           "is_one_of", "compute_dtype", "prescale_roots", "BATCH_ELEMENTS"]
 
 # (option, predicate, requirement): the option is valid when predicate(value) is true; otherwise the error
 # reads "<Owner>: <option> must be <requirement>, got <value!r>".
@@ -23,7 +23,7 @@ Check = tuple[str, Callable[[Any], bool], str]
 # Same-shape matrices are updated together in batches of up to this many entries, per device type: enough
 # to amortise the per-op cost of many small matrices, while a large matrix is updated on its own. On CPU a
 # batch stays small enough for the caches to hold it across the 2L mat-vecs of SR-Sinkhorn.
-BATCH_ELEMENTS = {"cpu": 1 << 19, "default": 1 << 22}
+BATCH_ELEMENTS = {"cpu": 1 << 20, "default": 1 << 22}
 
 
 def is_bool(value: Any) -> bool:
@@ -68,7 +68,7 @@ class StatelessMatrixOptimizer(Optimizer):
     first step.
 
     A step batches the matrices of a group by (shape, dtype, device), up to ``BATCH_ELEMENTS`` entries per
-    batch (2^19 on CPU, 2^22 elsewhere), and never synchronises with the host (no ``.item()`` or
+    batch (2^20 on CPU, 2^22 elsewhere), and never synchronises with the host (no ``.item()`` or
     ``bool(tensor)``), so it can be queued on an accelerator without stalls. Transient memory: one
     compute-dtype buffer the size of the largest batch (at most ``max(BATCH_ELEMENTS, largest matrix)``
     entries; SWAN needs two), plus the method's small vectors.
@@ -177,8 +177,7 @@ class StatelessMatrixOptimizer(Optimizer):
         """``out[i] <- q_i G_i`` in the compute dtype, with q_i the exact power of four that brings
         ``max |q_i G_i|`` into (1/4, 1] (:func:`multinorm.normalize.unit_max_root`); returns ``sqrt(q)``, (k,).
         Each gradient is read once for its largest entry and once more into ``out`` (converted there)."""
-        lows, highs = zip(*[torch.aminmax(g) for g in grads])
-        root = unit_max_root(torch.maximum(torch.stack(highs), torch.stack(lows).neg_()), out.dtype)
+        root = prescale_roots(grads, out.dtype)
         for g, o, q in zip(grads, out, root.square().unbind(0)):
             torch.mul(g, q, out=o)
         return root
@@ -237,6 +236,12 @@ class StatelessMatrixOptimizer(Optimizer):
             self._scratch_sizes[key] = max(self._scratch_sizes.get(key, 0), len(items) * g.numel())
         for group, items in batches:
             self.update_batch(group, [p for p, _ in items], [g for _, g in items])
+
+
+def prescale_roots(grads: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``sqrt(q_i)`` (k,) in ``dtype`` of the exact prescale of each gradient (one read of each)."""
+    lows, highs = zip(*[torch.aminmax(g) for g in grads])
+    return unit_max_root(torch.maximum(torch.stack(highs), torch.stack(lows).neg_()), dtype)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

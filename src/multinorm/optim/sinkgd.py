@@ -6,9 +6,14 @@ import torch
 from torch import Tensor
 
 from ..normalize import DEFAULT_EPS, sinkhorn_square_scalings, sr_sinkhorn
-from .base import Check, StatelessMatrixOptimizer, compute_dtype, is_float_at_least, is_int_at_least
+from .base import (Check, StatelessMatrixOptimizer, compute_dtype, is_float_at_least, is_int_at_least,
+                   prescale_roots)
 
 __all__ = ["SinkGD"]
+
+# Entries per block of rows in the CPU path for one large matrix (1 MiB of float32: a block stays in cache
+# between the operations that touch it).
+CACHE_BLOCK = 1 << 18
 
 
 class SinkGD(StatelessMatrixOptimizer):
@@ -38,7 +43,10 @@ class SinkGD(StatelessMatrixOptimizer):
     writing ``q G`` into the work buffer (converting a bf16/fp16 gradient on the way) and one squaring it
     in place, 2L mat-vecs reading ``A = (qG)^2``, one writing ``Diag(r) G`` over A, and one update
     ``W <- W (1 - lr wd) - lr (Diag(r) G) Diag(c)`` (decay a separate pass when wd > 0): ``(6 + 4L) mn``
-    flops and one m x n fp32 buffer per matrix of the batch.
+    flops and one m x n fp32 buffer per matrix of the batch. On CPU a matrix larger than the caches is
+    updated alone, with the passes before and after the mat-vecs run block of rows by block of rows: the
+    square and the row sums, and the update's row scaling, decay and addition, then reuse cached data
+    instead of each making its own pass over main memory.
 
     Args:
         params: matrices to optimize (or parameter-group dicts); see ``StatelessMatrixOptimizer``.
@@ -64,6 +72,8 @@ class SinkGD(StatelessMatrixOptimizer):
 
     def update_batch(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
         A = self.scratch((len(grads),) + tuple(grads[0].shape), compute_dtype(grads[0].dtype), grads[0].device)
+        if len(grads) == 1 and A.device.type == "cpu" and A.numel() > CACHE_BLOCK:
+            return self._update_large(group, params[0], grads[0], A[0])
         roots = self.prescaled_copy(grads, A).unsqueeze(-1)  # A = q G, exact; bf16/fp16 converted here, once
         A.square_()
         r, c = sinkhorn_square_scalings(A, group["iters"], group["eps"])
@@ -72,3 +82,29 @@ class SinkGD(StatelessMatrixOptimizer):
         # A is spent: it receives Diag(r) G, and Diag(c) is applied with the update of the parameter
         rows = [torch.mul(g, ri, out=a) for g, ri, a in zip(grads, r.unsqueeze(-1).unbind(0), A)]
         self.apply_updates(group, params, rows, factors=list(c.unsqueeze(-2).unbind(0)))
+
+    def _update_large(self, group: dict, p: Tensor, g: Tensor, A: Tensor) -> None:
+        """The same step for one matrix larger than the CPU caches, with the passes before and after the
+        mat-vecs done block of rows by block of rows: the prescale, the square and the row sums of a block
+        (and the update's row scaling, decay and addition) follow each other on cached data."""
+        step = max(1, CACHE_BLOCK // g.shape[1])
+        blocks = [slice(start, start + step) for start in range(0, g.shape[0], step)]
+        root = prescale_roots([g], A.dtype)
+        q = root.square()[0]
+        row_sums = torch.empty(g.shape[0], dtype=A.dtype, device=A.device)
+        for b in blocks:
+            torch.mul(g[b], q, out=A[b]).square_()
+            torch.sum(A[b], dim=-1, out=row_sums[b])
+        r, c = sinkhorn_square_scalings(A, group["iters"], group["eps"], row_sums=row_sums)
+        r.mul_(root)
+        c.mul_(root)
+        if p.dtype != A.dtype or p.ndim != 2:  # low precision or flattened: the general update
+            self.apply_updates(group, [p], [torch.mul(g, r.unsqueeze(-1), out=A)], factors=[c.unsqueeze(-2)])
+            return
+        lr, wd = group["lr"], group["weight_decay"]
+        alpha = lr if group["maximize"] else -lr
+        for b in blocks:
+            rows = torch.mul(g[b], r[b].unsqueeze(-1), out=A[b])
+            if wd != 0.0:
+                p[b].mul_(1.0 - lr * wd)
+            p[b].addcmul_(rows, c, value=alpha)
