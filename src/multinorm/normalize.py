@@ -27,7 +27,8 @@ matrix to unit entry RMS (dividing by its largest absolute entry first, so squar
 underflow: gradients from 1e-30 to 1e30 give the same direction). ``eps`` therefore acts on norms of a
 unit-RMS matrix, whose rows have norm ~sqrt(n). Norms are clamped below at ``eps`` (squared norms at
 ``eps**2``), so zero rows/columns stay zero and an all-zero gradient maps to a zero update. Non-finite
-inputs give non-finite outputs.
+inputs give non-finite outputs. No operator synchronises with the host (no branch on tensor values), so
+they queue on an accelerator without stalls and compile with ``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,10 @@ __all__ = [
     "sr_sinkhorn",
     "sr_sinkhorn_naive",
     "sr_sinkhorn_scalings",
+    "sinkhorn_squares",
+    "scale_to_unit_max",
+    "unit_max_root",
+    "sinkhorn_square_scalings",
     "multi_normalize",
     "fixed_point_residual",
 ]
@@ -83,10 +88,40 @@ def _check(G: Tensor, fn: str) -> None:
 
 def _max_abs(G: Tensor) -> Tensor:
     """Largest |entry| per matrix, shape (..., 1, 1), in the compute dtype; 1 for an all-zero matrix."""
-    # amax/amin are vectorised reductions; vector_norm(ord=inf) is several times slower on CPU
-    s = torch.maximum(G.amax(dim=(-2, -1), keepdim=True), G.amin(dim=(-2, -1), keepdim=True).neg())
-    s = s.to(_compute_dtype(G.dtype))
+    s = _abs_max(G).to(_compute_dtype(G.dtype))
     return torch.where(s > 0, s, torch.ones_like(s))
+
+
+def _abs_max(G: Tensor) -> Tensor:
+    """Largest |entry| per matrix, shape (..., 1, 1), in G's dtype (0 for an all-zero matrix)."""
+    # one vectorised pass (aminmax) where the matrix can be flattened without a copy; amax/amin otherwise
+    # (vector_norm(ord=inf) is several times slower on CPU)
+    if G.is_contiguous():
+        lo, hi = torch.aminmax(G.reshape(*G.shape[:-2], -1), dim=-1, keepdim=True) if G.ndim > 2 else torch.aminmax(G)
+        return torch.maximum(hi, lo.neg()).reshape(*G.shape[:-2], 1, 1)
+    return torch.maximum(G.amax(dim=(-2, -1), keepdim=True), G.amin(dim=(-2, -1), keepdim=True).neg())
+
+
+def unit_max_root(max_abs: Tensor, dtype: torch.dtype) -> Tensor:
+    r"""``sqrt(q)`` in ``dtype`` for the power of four ``q = 4^-e`` with ``max_abs * q`` in (1/4, 1] (q = 1 for 0).
+
+    Scaling by q (or sqrt(q)) is exact, and keeps products and squares of the scaled matrix in range for
+    any gradient scale; q stays finite for subnormal ``max_abs``.
+    """
+    _, e = torch.frexp(max_abs.to(dtype))  # max_abs = f 2^e, f in [1/2, 1)
+    max_exponent = int(math.log2(torch.finfo(dtype).max)) + 1  # 128 for float32
+    half = torch.div(e + (e & 1), 2, rounding_mode="floor").clamp_(min=1 - max_exponent // 2)  # e rounded up to even
+    return torch.ldexp(torch.ones_like(half, dtype=dtype), half.neg_())
+
+
+def scale_to_unit_max(G: Tensor, out: Tensor) -> Tensor:
+    r"""Write ``q G`` into ``out`` (G's shape, any float dtype) and return ``sqrt(q)``, shape (..., 1), with q
+    :func:`unit_max_root`'s exact power of four (``max |q G|`` in (1/4, 1]). Costs one read of G (its
+    largest entry) and one pass writing ``out``; no host synchronisation.
+    """
+    root = unit_max_root(_abs_max(G), out.dtype)  # (..., 1, 1)
+    torch.mul(G, root.square(), out=out)
+    return root.squeeze(-1)
 
 
 def _prescaled(G: Tensor) -> Tensor:
@@ -196,11 +231,10 @@ def _check_beta(beta: float, fn: str) -> None:
         raise ValueError(f"{fn}: beta must be > 1/3 (otherwise the iteration has no positive fixed point); got {beta}")
 
 
-def _newton_schulz(X: Tensor, steps: int, beta: float) -> Tensor:
-    """Coupled Newton-Schulz on the m x m Gram of X (m <= n), returning ~U V^T."""
-    Y, gram_norm = _gram(X)
+def _newton_schulz_z(Y: Tensor, steps: int, beta: float) -> Tensor | None:
+    """Z of the coupled Newton-Schulz iteration on a normalised Gram matrix Y (None for steps = 0: Z = I)."""
     if steps == 0:
-        return X / _fixed_point_scale(beta, gram_norm)
+        return None
     # first step with Z0 = I spelled out: T = 3I - Y, Y <- beta Y T, Z <- beta T (saves two products)
     T = _eye_like(Y).mul(3.0).sub_(Y)
     Y = (Y @ T).mul_(beta)
@@ -210,7 +244,40 @@ def _newton_schulz(X: Tensor, steps: int, beta: float) -> Tensor:
         T.diagonal(dim1=-2, dim2=-1).add_(3.0)
         Y = (Y @ T).mul_(beta)
         Z = (T @ Z).mul_(beta)
-    return (Z @ X).div_(_fixed_point_scale(beta, gram_norm))
+    return Z
+
+
+def _newton_schulz(X: Tensor, steps: int, beta: float) -> Tensor:
+    """Coupled Newton-Schulz on the m x m Gram of X (m <= n), returning ~U V^T."""
+    Y, gram_norm = _gram(X)
+    Z = _newton_schulz_z(Y, steps, beta)
+    ZX = X.clone() if Z is None else Z @ X
+    return ZX.div_(_fixed_point_scale(beta, gram_norm))
+
+
+def _nsds_z(Y: Tensor, steps: int, beta: float, diagonal_z: bool) -> Tensor | None:
+    """NSDS on a normalised Gram matrix Y: the full Z of the last step, or the vector z = diag(Z) with
+    ``diagonal_z`` (None for steps = 0: Z = I)."""
+    if steps == 0:
+        return None
+    if diagonal_z:
+        # only diag(Y) is ever read: diag(Y) <- beta diag(Y) (3 - z diag(Y)),  z <- beta z (3 - z diag(Y))
+        y = Y.diagonal(dim1=-2, dim2=-1).clone()
+        z = torch.ones_like(y)
+        for _ in range(steps):
+            t = 3.0 - z * y
+            y = beta * y * t
+            z = beta * z * t
+        return z
+    z = torch.ones(Y.shape[:-1], dtype=Y.dtype, device=Y.device)
+    for _ in range(steps):
+        t = 3.0 - z * Y.diagonal(dim1=-2, dim2=-1)
+        Z = (z.unsqueeze(-1) * Y).neg_()
+        Z.diagonal(dim1=-2, dim2=-1).add_(3.0)
+        Z.mul_((beta * z).unsqueeze(-2))
+        Y = Y * (beta * t).unsqueeze(-2)
+        z = Z.diagonal(dim1=-2, dim2=-1).clone()
+    return Z
 
 
 def whiten(G: Tensor, steps: int = 10, beta: float = 0.8, method: str = "newton-schulz") -> Tensor:
@@ -271,31 +338,16 @@ def whiten_nsds(G: Tensor, steps: int = 2, beta: float = 0.4, diagonal_z: bool =
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
-    if diagonal_z:
-        # only diag(Y) is ever read: diag(Y) <- beta diag(Y) (3 - z diag(Y)),  z <- beta z (3 - z diag(Y))
-        Y, gram_norm = _gram(X)  # ||A||_F still needs the Gram matrix
-        gram_norm = gram_norm.squeeze(-1)
-        y = Y.diagonal(dim1=-2, dim2=-1).clone()
-        del Y
-        z = torch.ones_like(y)
-        for _ in range(steps):
-            t = 3.0 - z * y
-            y = beta * y * t
-            z = beta * z * t
-        Q = X * (z / _fixed_point_scale(beta, gram_norm)).unsqueeze(-1)
+    Y, gram_norm = _gram(X)
+    Z = _nsds_z(Y, steps, beta, diagonal_z)
+    del Y
+    if Z is None:
+        ZX = X.clone()
+    elif diagonal_z:
+        ZX = X * Z.unsqueeze(-1)
     else:
-        Y, gram_norm = _gram(X)
-        z = torch.ones(Y.shape[:-1], dtype=Y.dtype, device=Y.device)
-        Z = None
-        for _ in range(steps):
-            t = 3.0 - z * Y.diagonal(dim1=-2, dim2=-1)
-            Z = (z.unsqueeze(-1) * Y).neg_()
-            Z.diagonal(dim1=-2, dim2=-1).add_(3.0)
-            Z.mul_((beta * z).unsqueeze(-2))
-            Y = Y * (beta * t).unsqueeze(-2)
-            z = Z.diagonal(dim1=-2, dim2=-1).clone()
-        ZX = X.clone() if Z is None else Z @ X
-        Q = ZX.div_(_fixed_point_scale(beta, gram_norm))
+        ZX = Z @ X
+    Q = ZX.div_(_fixed_point_scale(beta, gram_norm))
     if tall:
         Q = Q.mT
     return Q.contiguous().to(G.dtype)
@@ -316,62 +368,64 @@ def spectral_normalize(G: Tensor, method: str = "exact", steps: int = 10, beta: 
 # SR-Sinkhorn
 
 
-def _mv(A: Tensor, x: Tensor) -> Tensor:
-    """A x for A (..., m, n), x (..., n)."""
-    if A.ndim == 2:
-        return torch.mv(A, x)
-    return (A @ x.unsqueeze(-1)).squeeze(-1)
+def sinkhorn_squares(G: Tensor, out: Tensor) -> Tensor:
+    r"""Write ``A = (q G)^2`` into ``out`` (compute dtype, G's shape) and return ``sqrt(q)``, shape (..., 1).
+
+    q is :func:`scale_to_unit_max`'s exact power of four, so the squares neither overflow nor underflow;
+    the Sinkhorn factors of A are those of ``G * G`` up to the exact factor q^2, which the caller folds
+    back as ``sqrt(q)`` into each of r and c. One read of G, one pass writing A, one squaring it in place.
+    """
+    root = scale_to_unit_max(G, out)
+    out.square_()
+    return root
 
 
-def _mtv(A: Tensor, y: Tensor) -> Tensor:
-    """A^T y for A (..., m, n), y (..., m)."""
-    if A.ndim == 2:
-        return torch.mv(A.T, y)
-    return (y.unsqueeze(-2) @ A).squeeze(-2)
+def sinkhorn_square_scalings(A: Tensor, iters: int, eps: float,
+                             row_sums: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""Factors r (..., m), c (..., n) with ``SR-Sinkhorn(G) = Diag(r) G Diag(c)`` for ``A = G * G``.
+
+    Iterates the Sinkhorn-Knopp scaling (u, v) of A with row targets n and column targets m (``2 iters``
+    mat-vecs, the first being A's row sums), with eps applied as in the literal form at unit entry RMS.
+    Reads A only; no host synchronisation. r and c hold the exact factors of the G that A squares.
+    ``row_sums`` (..., m): A's row sums, if the caller already has them (saves the first pass).
+    """
+    m, n = A.shape[-2:]
+    batch = A.shape[:-2]
+    A = A.reshape(-1, m, n)  # (b, m, n); u, v are kept as (b, 1, m), (b, 1, n) row vectors for bmm
+    At = A.mT
+    big = torch.finfo(A.dtype).max
+    # tensor constants: a Python scalar in each vector op costs more than the op itself at these sizes
+    eps2, n_t, m_t = (torch.full((), value, dtype=A.dtype, device=A.device) for value in (eps * eps, n, m))
+    row_sums = (A.sum(dim=-1) if row_sums is None else row_sums.reshape(-1, m)).unsqueeze(-2)
+    total = row_sums.sum(dim=-1, keepdim=True)
+    # k rescales A to mean 1, i.e. G to unit entry RMS, the scale at which the literal form applies eps.
+    # The iteration runs on u' = k u, in which k cancels from both half-steps (A^T u' = k A^T u).
+    k = torch.where(total > 0, (m * n) / total, torch.ones_like(total))  # (b, 1, 1)
+    u = k.expand_as(row_sums)
+    v = torch.ones(A.shape[0], 1, n, dtype=A.dtype, device=A.device)
+    for it in range(iters):
+        # Row step of the literal form: a row of X = Diag(sqrt u) G Diag(sqrt v) has squared norm
+        # u * (kA v) and is multiplied by sqrt(n / max(u * kA v, eps^2)), so u <- n / max(kA v, eps^2 / u).
+        # The denominator's floor n / big keeps the factor of an exactly-zero row finite (it multiplies
+        # zeros only), so no inf or nan can arise.
+        Av = row_sums if it == 0 else torch.bmm(v, At)
+        u = torch.div(n_t, torch.maximum(Av, torch.div(eps2, u)).clamp_(min=n / big))
+        v = torch.div(m_t, torch.maximum(torch.bmm(u, A), torch.div(eps2, v)).clamp_(min=m / big))
+    return u.sqrt_().reshape(batch + (m,)), v.sqrt_().reshape(batch + (n,))
 
 
 def _sinkhorn_factors(G: Tensor, iters: int, eps: float, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Row and column factors r (..., m), c (..., n) with SR-Sinkhorn(G) = Diag(r) G Diag(c), plus the
     m x n compute-dtype work buffer (``out`` if given; free for reuse by the caller)."""
-    m, n = G.shape[-2:]
     cdt = _compute_dtype(G.dtype)
-    if out is not None and (out.shape != G.shape or out.dtype != cdt or not out.is_contiguous()):
-        raise ValueError(f"sr_sinkhorn: out must be a contiguous {cdt} tensor of shape {tuple(G.shape)}")
-    # A = (qG)^2 with q = 1 when the squares fit the float range comfortably (the usual case: one pass),
-    # otherwise q = 1/max|G|. k rescales A to mean 1, i.e. G to unit entry RMS, the scale at which the
-    # literal form applies eps; it multiplies the mat-vec results instead of the matrix.
-    q = torch.ones(G.shape[:-2] + (1, 1), dtype=cdt, device=G.device)
     if out is None:
-        A = torch.square(G) if G.dtype == cdt else G.to(cdt).square_()
-    else:
-        A = torch.square(G, out=out) if G.dtype == cdt else out.copy_(G).square_()
-    row_sums = A.sum(dim=-1)
-    total = row_sums.sum(dim=-1, keepdim=True)
-    lo = torch.finfo(cdt).tiny / torch.finfo(cdt).eps  # keeps the smallest relevant squares normal
-    if not bool(torch.all(torch.isfinite(total) & (total >= lo * m * n))):
-        q = 1.0 / _max_abs(G)
-        A = torch.mul(G, q, out=A).square_()
-        row_sums = A.sum(dim=-1)
-        total = row_sums.sum(dim=-1, keepdim=True)
-    k = torch.where(total > 0, (m * n) / total, torch.ones_like(total))  # shape (..., 1)
-
-    u = torch.ones_like(row_sums)
-    v = torch.ones(A.shape[:-2] + (n,), dtype=cdt, device=A.device)
-    eps2 = eps * eps
-    big = torch.finfo(cdt).max
-    for it in range(iters):
-        # Row step of the literal form: a row of X = Diag(sqrt u) G Diag(sqrt v) has squared norm
-        # u * (kA v) and is multiplied by sqrt(n / max(u * kA v, eps^2)), so u <- n / max(kA v, eps^2 / u).
-        # Exactly-zero rows keep their factor: they stay zero either way, and n / 0 would overflow.
-        Av = (row_sums if it == 0 else _mv(A, v)).mul_(k)
-        u = torch.where(Av > 0, n / torch.maximum(Av, eps2 / u), u).clamp_(max=big)
-        Atu = _mtv(A, u).mul_(k)
-        v = torch.where(Atu > 0, m / torch.maximum(Atu, eps2 / v), v).clamp_(max=big)
-    # X = Diag(sqrt(k u)) (qG) Diag(sqrt v); q is split evenly so neither factor overflows for tiny G
-    root_q = q.sqrt().squeeze(-1)
-    r = u.mul_(k).sqrt_().mul_(root_q)
-    c = v.sqrt_().mul_(root_q)
-    return r, c, A
+        out = torch.empty(G.shape, dtype=cdt, device=G.device)
+    elif out.shape != G.shape or out.dtype != cdt or not out.is_contiguous():
+        raise ValueError(f"sr_sinkhorn: out must be a contiguous {cdt} tensor of shape {tuple(G.shape)}")
+    root = sinkhorn_squares(G, out)
+    r, c = sinkhorn_square_scalings(out, iters, eps)
+    # r and c belong to qG; sqrt(q) goes into each, so neither overflows for tiny or huge G
+    return r.mul_(root), c.mul_(root), out
 
 
 def sr_sinkhorn_scalings(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS) -> tuple[Tensor, Tensor]:
@@ -402,9 +456,12 @@ def sr_sinkhorn(G: Tensor, iters: int = 5, eps: float = DEFAULT_EPS, method: str
 
         v0 = 1;  repeat L times:  u = n / (A v);   v = m / (A^T u);     X = sqrt(u)[:, None] * G * sqrt(v)[None, :]
 
-    so only two vectors are iterated (2L mat-vecs) and the output is written once: ``(3 + 4L) mn`` flops, one
-    m x n fp32 buffer plus m + n floats. Norms are clamped at ``eps`` exactly as in the literal form, whose
-    output it matches to float rounding. ``method="alternating"`` is the literal form (``sr_sinkhorn_naive``):
+    so only two vectors are iterated and the output is written once. Passes over m x n data: one read of G
+    (its largest entry, for an exact power-of-four prescale that keeps the squares in range), one writing
+    ``A = (qG)^2`` and one squaring it in place, 2L mat-vecs reading A (the first is its row sums), one
+    writing ``r G c``; ``(4 + 2L) mn`` flops, one m x n fp32 buffer plus m + n floats, no host
+    synchronisation. Norms are clamped at ``eps`` exactly as in the literal form, whose output it matches
+    to float rounding. ``method="alternating"`` is the literal form (``sr_sinkhorn_naive``):
     ~6L mn flops and 2L full-size temporaries.
 
     Signs are preserved; at convergence the result is invariant to positive row/column rescaling of G.

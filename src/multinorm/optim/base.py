@@ -11,12 +11,19 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ..normalize import unit_max_root
+
 __all__ = ["StatelessMatrixOptimizer", "check_options", "Check", "is_bool", "is_float_at_least", "is_int_at_least",
-           "is_one_of"]
+           "is_one_of", "compute_dtype", "prescale_roots", "BATCH_ELEMENTS"]
 
 # (option, predicate, requirement): the option is valid when predicate(value) is true; otherwise the error
 # reads "<Owner>: <option> must be <requirement>, got <value!r>".
 Check = tuple[str, Callable[[Any], bool], str]
+
+# Same-shape matrices are updated together in batches of up to this many entries, per device type: enough
+# to amortise the per-op cost of many small matrices, while a large matrix is updated on its own. On CPU a
+# batch stays small enough for the caches to hold it across the 2L mat-vecs of SR-Sinkhorn.
+BATCH_ELEMENTS = {"cpu": 1 << 20, "default": 1 << 22}
 
 
 def is_bool(value: Any) -> bool:
@@ -54,10 +61,17 @@ def check_options(owner: str, options: Mapping[str, Any], checks: Sequence[Check
 class StatelessMatrixOptimizer(Optimizer):
     r"""Base class: ``W <- W (1 - lr wd) - lr * direction(grad)`` with no per-parameter state.
 
-    Subclasses implement :meth:`direction`, a pure function of one gradient matrix and the group's
-    hyperparameters, and list their options' checks in :meth:`_checks`. Every parameter group -- the
-    constructor's too -- is checked once, when it is added (``add_param_group``), so a bad option fails
-    there rather than at the first step.
+    Subclasses implement :meth:`direction`, a pure function of a batch of gradient matrices and the
+    group's hyperparameters (or override :meth:`update_batch` to fuse the update into fewer passes), and
+    list their options' checks in :meth:`_checks`. Every parameter group -- the constructor's too -- is
+    checked once, when it is added (``add_param_group``), so a bad option fails there rather than at the
+    first step.
+
+    A step batches the matrices of a group by (shape, dtype, device), up to ``BATCH_ELEMENTS`` entries per
+    batch (2^20 on CPU, 2^22 elsewhere), and never synchronises with the host (no ``.item()`` or
+    ``bool(tensor)``), so it can be queued on an accelerator without stalls. Transient memory: one
+    compute-dtype buffer the size of the largest batch (at most ``max(BATCH_ELEMENTS, largest matrix)``
+    entries; SWAN needs two), plus the method's small vectors.
 
     ``maximize=True`` ascends: ``W <- W (1 - lr wd) + lr * direction(grad)``. The built-in directions are
     odd functions of the gradient (``P(-G) = -P(G)``), so this is descent on the negated objective.
@@ -72,6 +86,7 @@ class StatelessMatrixOptimizer(Optimizer):
 
     def __init__(self, params, defaults: dict) -> None:
         self._scratch: dict = {}
+        self._scratch_sizes: dict = {}
         # torch's constructor adds each group through add_param_group, which checks the defaults too
         super().__init__(params, defaults)
 
@@ -111,26 +126,75 @@ class StatelessMatrixOptimizer(Optimizer):
     # ------------------------------------------------------------------------------------------------------
     # the step
 
-    def direction(self, grad: Tensor, group: dict) -> Tensor:
-        """The update direction for one gradient matrix (m, n), which may be in a low-precision dtype.
+    def direction(self, grads: Tensor, group: dict) -> Tensor:
+        """The update directions of a batch of gradient matrices ``grads`` (k, m, n).
 
-        Returns the compute dtype (float32, or float64 for float64 gradients). The result may be a view of
-        :meth:`scratch`, since it is consumed before the next call."""
+        ``grads`` is a work buffer in the compute dtype (float32, or float64 for float64 gradients) that
+        the method may overwrite; the result, (k, m, n) in the compute dtype, may be ``grads`` itself."""
         raise NotImplementedError
 
-    def scratch(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> Tensor:
-        """A work buffer of ``shape`` and ``dtype``, valid until the next call within this step.
+    def update_batch(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        """One step for ``params`` of one group whose gradients, given as matrices, share shape (m, n),
+        dtype and device. This default copies them into the work buffer (a low-precision gradient is
+        converted there, once), calls :meth:`direction` and applies the result; subclasses may fuse more."""
+        X = self.scratch((len(grads),) + tuple(grads[0].shape), compute_dtype(grads[0].dtype), grads[0].device)
+        torch._foreach_copy_(list(X.unbind(0)), grads)
+        self.apply_updates(group, params, list(self.direction(X, group).unbind(0)))
 
-        All calls of one step share one flat allocation sized for the step's largest gradient: a fresh
-        m x n buffer per matrix costs page faults comparable to the whole (memory-bound) update on CPU.
+    def apply_updates(self, group: dict, params: list[Tensor], updates: list[Tensor],
+                      factors: list[Tensor] | None = None) -> None:
+        """``p <- p (1 - lr wd) - lr U * F`` (``+ lr U * F`` with maximize) for each parameter, its update U,
+        an (m, n) compute-dtype tensor the caller owns (it may be overwritten), and its factor F, a tensor
+        broadcastable to (m, n) multiplied in on the way (1 when ``factors`` is None).
+
+        A 2-D parameter in the compute dtype is updated with two foreach calls (decay, then the update);
+        any other (low precision, more than 2-D) gets ``alpha U F - lr wd p`` formed in U first, so p is
+        rounded once.
+        """
+        lr, wd = group["lr"], group["weight_decay"]
+        alpha = lr if group["maximize"] else -lr
+        direct = [p.dtype == u.dtype and p.ndim == 2 for p, u in zip(params, updates)]
+        if any(direct):
+            ps = [p for p, d in zip(params, direct) if d]
+            us = [u for u, d in zip(updates, direct) if d]
+            if wd != 0.0:
+                torch._foreach_mul_(ps, 1.0 - lr * wd)
+            if factors is None:
+                torch._foreach_add_(ps, us, alpha=alpha)
+            else:
+                torch._foreach_addcmul_(ps, us, [f for f, d in zip(factors, direct) if d], value=alpha)
+        for i, (p, u) in enumerate(zip(params, updates)):
+            if direct[i]:
+                continue
+            if factors is not None:
+                u.mul_(factors[i])
+            u = u.mul_(alpha).view(p.shape)
+            if wd != 0.0:
+                u.add_(p, alpha=-lr * wd)
+            p.add_(u)
+
+    def prescaled_copy(self, grads: list[Tensor], out: Tensor) -> Tensor:
+        """``out[i] <- q_i G_i`` in the compute dtype, with q_i the exact power of four that brings
+        ``max |q_i G_i|`` into (1/4, 1] (:func:`multinorm.normalize.unit_max_root`); returns ``sqrt(q)``, (k,).
+        Each gradient is read once for its largest entry and once more into ``out`` (converted there)."""
+        root = prescale_roots(grads, out.dtype)
+        for g, o, q in zip(grads, out, root.square().unbind(0)):
+            torch.mul(g, q, out=o)
+        return root
+
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int = 0) -> Tensor:
+        """A work buffer of ``shape`` and ``dtype``, valid until the next call with the same ``slot`` within
+        this step (a method needing two buffers at once asks for slots 0 and 1).
+
+        All batches of one step share one flat allocation per slot, sized for the step's largest batch: a
+        fresh buffer per matrix costs page faults comparable to the whole (memory-bound) update on CPU.
         It is released when ``step`` returns, so nothing persists between steps.
         """
         numel = math.prod(shape)
-        key = (device, dtype)
+        key = (device, dtype, slot)
         flat = self._scratch.get(key)
         if flat is None or flat.numel() < numel:
-            largest = max([p.grad.numel() for g in self.param_groups for p in g["params"] if p.grad is not None]
-                          + [numel])
+            largest = max(numel, self._scratch_sizes.get((device, dtype), 0))
             flat = self._scratch[key] = torch.empty(largest, dtype=dtype, device=device)
         return flat[:numel].view(shape)
 
@@ -149,27 +213,35 @@ class StatelessMatrixOptimizer(Optimizer):
         return loss
 
     def _update_all(self) -> None:
+        # Matrices of one group with the same shape, dtype and device are updated as one batch (up to
+        # BATCH_ELEMENTS entries), which amortises the per-op cost of many small matrices.
+        batches = []
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            alpha = lr if group["maximize"] else -lr
+            kinds: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                grad = p.grad
-                if grad.is_sparse:
+                if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                update = self.direction(grad.reshape(grad.shape[0], -1), group).reshape(p.shape)
-                if update.dtype != p.dtype:
-                    # low-precision p: form decay + update in the fp32 buffer, so p is rounded once
-                    update.mul_(alpha)
-                    if wd != 0.0:
-                        update.add_(p, alpha=-lr * wd)
-                    p.add_(update)
-                else:
-                    if wd != 0.0:
-                        p.mul_(1.0 - lr * wd)
-                    p.add_(update, alpha=alpha)
-                del update  # keep one transient buffer alive at a time
+                g = p.grad.reshape(p.shape[0], -1)
+                kinds.setdefault((g.shape, g.dtype, g.device), []).append((p, g))
+            for (shape, _, _), items in kinds.items():
+                limit = BATCH_ELEMENTS.get(items[0][1].device.type, BATCH_ELEMENTS["default"])
+                per = max(1, limit // shape.numel())
+                batches += [(group, items[i:i + per]) for i in range(0, len(items), per)]
+        self._scratch_sizes = {}
+        for _, items in batches:
+            g = items[0][1]
+            key = (g.device, compute_dtype(g.dtype))
+            self._scratch_sizes[key] = max(self._scratch_sizes.get(key, 0), len(items) * g.numel())
+        for group, items in batches:
+            self.update_batch(group, [p for p, _ in items], [g for _, g in items])
+
+
+def prescale_roots(grads: list[Tensor], dtype: torch.dtype) -> Tensor:
+    """``sqrt(q_i)`` (k,) in ``dtype`` of the exact prescale of each gradient (one read of each)."""
+    lows, highs = zip(*[torch.aminmax(g) for g in grads])
+    return unit_max_root(torch.maximum(torch.stack(highs), torch.stack(lows).neg_()), dtype)
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from ..normalize import NORMALIZERS, multi_normalize
-from .base import Check, StatelessMatrixOptimizer, compute_dtype, is_int_at_least
+from .base import Check, StatelessMatrixOptimizer, is_int_at_least
 
 __all__ = ["MNGD"]
 
@@ -28,9 +28,11 @@ class MNGD(StatelessMatrixOptimizer):
 
     ``P_g(X) = argmax_{g(Z) <= 1} <X, Z>`` is the steepest direction of norm g, scaled to
     ``||P_g(X)||_F = sqrt(mn)``. Norm names: "row", "col", "spectral" (exact SVD), "frobenius", "sign",
-    "gradnorm" (see :mod:`multinorm.normalize`), or callables on an (m, n) tensor. ("row", "col") with
+    "gradnorm" (see :mod:`multinorm.normalize`), or callables on a (..., m, n) batch of matrices (a step
+    applies them to the group's same-shape gradients stacked as one (k, m, n) tensor). ("row", "col") with
     L = 5 is SinkGD (which uses a faster equivalent), ("gradnorm", "spectral") with L = 1 is SWAN with
-    exact whitening. Cost: ``L * sum_i cost(P_{g_i})`` per matrix; no state.
+    exact whitening. Cost: ``L * sum_i cost(P_{g_i})`` per matrix, plus one copy of the gradients into the
+    work buffer and the update; no state, no host synchronisation.
 
     ``maximize=True`` ascends the objective. The named norms are odd (``P(-G) = -P(G)``), so the update's
     sign is flipped; with a callable among ``norms`` the normalisations run on ``-G`` instead.
@@ -61,11 +63,10 @@ class MNGD(StatelessMatrixOptimizer):
             ("iters", is_int_at_least(1), "an int >= 1"),
         ]
 
-    def direction(self, grad: Tensor, group: dict) -> Tensor:
-        X = grad.to(compute_dtype(grad.dtype))
+    def direction(self, grads: Tensor, group: dict) -> Tensor:
         if group["maximize"] and any(callable(norm) for norm in group["norms"]):
-            return multi_normalize(X.neg(), group["norms"], group["iters"]).neg_()
-        return multi_normalize(X, group["norms"], group["iters"])
+            return multi_normalize(grads.neg_(), group["norms"], group["iters"]).neg_()
+        return multi_normalize(grads, group["norms"], group["iters"])
 
 
 def _valid_norms(norms) -> bool:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import Tensor
 
 from .. import normalize as N
@@ -43,7 +46,8 @@ def swan_direction(
     rescale: bool = True,
     eps: float = N.DEFAULT_EPS,
 ) -> Tensor:
-    r"""The SWAN update direction of one gradient matrix G (m, n) (pure function).
+    r"""The SWAN update direction of a gradient matrix G (m, n), or of each matrix of a batch (..., m, n)
+    (pure function; the computation :class:`SWAN`'s step runs).
 
         X = GradNorm(G)                         rows over the input dim (gradnorm_axis="input"), or along
                                                 the longer dim (gradnorm_axis="longer": tall G transposed)
@@ -59,22 +63,81 @@ def swan_direction(
                    whitening=whitening, ns_steps=default_steps if ns_steps is None else ns_steps,
                    beta=default_beta if beta is None else beta, diagonal_z=diagonal_z, rescale=rescale, eps=eps)
     check_options("SWAN", options, swan_checks(options))
-    steps, beta = options["ns_steps"], options["beta"]
+    B = torch.empty(G.shape, dtype=compute_dtype(G.dtype), device=G.device)
+    N.scale_to_unit_max(G, out=B)  # SWAN is scale-invariant; the exact prescale keeps products in range
+    D = _materialize(B, *_swan_factors(B, options))
+    return D.mul_(_rescale_factor(D)) if rescale else D
 
-    transpose = gradnorm_axis == "longer" and G.shape[-2] > G.shape[-1]
-    X = G.mT if transpose else G
-    if gradnorm:
-        X = N.gradnorm(X, center=center, eps=eps)
-    if whiten:
-        if variant == "full":
-            X = N.whiten(X, steps=steps, beta=beta, method=whitening)
-        else:
-            X = N.whiten_nsds(X, steps=steps, beta=beta, diagonal_z=diagonal_z)
-    if transpose:
-        X = X.mT
-    if rescale:
-        X = N.frobenius_normalize(X)
-    return X
+
+# ----------------------------------------------------------------------------------------------------------
+# the batched kernel: GradNorm in place, whitening as a small factor applied to the gradient at the end
+
+
+def _gradnorm_(X: Tensor, center: bool, eps: float) -> None:
+    """GradNorm of the rows of X (..., m, n) in place: ``(X - mean) / (std + eps rms)``, which is the literal
+    GradNorm of X at unit entry RMS (eps relative to it). X must be prescaled (|X| <= 1)."""
+    if center:
+        var, mean = torch.var_mean(X, dim=-1, correction=0, keepdim=True)
+        mean_square = var + mean.square()
+        X.sub_(mean)
+    else:
+        var = mean_square = torch.linalg.vector_norm(X, dim=-1, keepdim=True).square_().div_(X.shape[-1])
+    rms = mean_square.mean(dim=-2, keepdim=True).sqrt_()
+    rms = torch.where(rms > 0, rms, torch.ones_like(rms))  # an all-zero matrix stays zero
+    X.div_(var.sqrt_().add_(rms * eps))
+
+
+def _swan_factors(B: Tensor, o: dict) -> tuple[str, Tensor]:
+    """SWAN before the rescale, on a batch B (..., m, n) of prescaled compute-dtype gradients, overwriting B
+    with its GradNorm.
+
+    Returns the whitened direction D in a factored form (form, F): "left" D = F @ B (F: m x m), "right"
+    D = B @ F^T (F: n x n), "rows" D = F[..., :, None] * B, "cols" D = B * F[..., None, :], "dense" D = F.
+    Whitening runs on the smaller side X_s of the GradNorm output, ``(X_s X_s^T)^{-1/2} X_s``, so the
+    Newton-Schulz iteration only ever multiplies min(m, n)-sized square matrices.
+    """
+    transpose = o["gradnorm_axis"] == "longer" and B.shape[-2] > B.shape[-1]
+    X = B.mT if transpose else B
+    if o["gradnorm"]:
+        _gradnorm_(X, o["center"], o["eps"])
+    tall = X.shape[-2] > X.shape[-1]
+    Xs = X.mT if tall else X
+    left = transpose == tall  # X_s is B itself, not its transpose
+    if not o["whiten"]:
+        return "rows", torch.ones(B.shape[:-2] + (1,), dtype=B.dtype, device=B.device)
+    if o["whitening"] == "exact":
+        Q = N._polar_exact(Xs)
+        return "dense", (Q if left else Q.mT)
+    Y, gram_norm = N._gram(Xs)  # Y = A / ||A||_F with the Gram matrix A = X_s X_s^T
+    steps, beta = o["ns_steps"], o["beta"]
+    Z = N._newton_schulz_z(Y, steps, beta) if o["variant"] == "full" else N._nsds_z(Y, steps, beta, o["diagonal_z"])
+    scale = N._fixed_point_scale(beta, gram_norm).reciprocal_()  # (..., 1, 1): Z X_s * scale ~ U V^T
+    if Z is None:  # no steps: Z = I
+        return ("rows" if left else "cols"), scale.squeeze(-1)
+    if Z.ndim < Y.ndim:  # Z = Diag(z)
+        return ("rows" if left else "cols"), Z.mul_(scale.squeeze(-1))
+    return ("left" if left else "right"), Z.mul_(scale)
+
+
+def _materialize(B: Tensor, form: str, F: Tensor, out: Tensor | None = None) -> Tensor:
+    """The direction D of ``_swan_factors``' (form, F): a product written to ``out`` (new if None), or B
+    scaled in place."""
+    if form == "left":
+        return torch.matmul(F, B, out=out)
+    if form == "right":
+        return torch.matmul(B, F.mT, out=out)
+    if form == "rows":
+        return B.mul_(F.unsqueeze(-1))
+    if form == "cols":
+        return B.mul_(F.unsqueeze(-2))
+    return F.contiguous()
+
+
+def _rescale_factor(D: Tensor) -> Tensor:
+    """``sqrt(mn) / ||D||_F`` per matrix, shape (..., 1, 1); 0 for an all-zero D."""
+    norm = torch.linalg.vector_norm(D, dim=(-2, -1), keepdim=True)
+    size = math.sqrt(D.shape[-2] * D.shape[-1])
+    return torch.where(norm > 0, size / norm, torch.zeros_like(norm))
 
 
 class SWAN(StatelessMatrixOptimizer):
@@ -100,9 +163,14 @@ class SWAN(StatelessMatrixOptimizer):
     the iteration (:func:`multinorm.normalize.whiten_nsds`; defaults 2 steps, beta 0.4). With rescaling the
     update has entry RMS 1, so ``lr`` is the per-entry step size.
 
-    No momentum and no state: ``self.state`` stays empty. Cost per m x n matrix (m = smaller dim):
-    ``4 m^2 n + 6 k m^3`` flops for "full", ``4 m^2 n + O(k m^2)`` for "nsds"; transient memory three m x m
-    matrices and fp32 m x n copies.
+    No momentum and no state: ``self.state`` stays empty. A step handles the group's same-shape matrices
+    as one batch (Newton-Schulz runs batched) and never synchronises with the host. Cost per m x n
+    matrix, with s = min(m, n) and l = max(m, n): one read for its largest entry and one pass copying it
+    (converted to fp32 and exactly prescaled) into the work buffer; GradNorm in one read (row mean and
+    variance) and two passes in place; the Gram matrix of the smaller side and the product ``Z X`` into a
+    second buffer, ``4 s^2 l`` flops; Newton-Schulz on s x s matrices, ``6 k s^3`` flops for "full" and
+    ``O(k s^2)`` for "nsds"; one read for the rescale, fused into the update of W. Transient memory: two
+    fp32 m x n buffers and three s x s matrices per matrix of the batch.
 
     ``maximize=True`` ascends the objective (the direction is odd in G, so the update's sign is flipped).
 
@@ -161,13 +229,18 @@ class SWAN(StatelessMatrixOptimizer):
     def _checks(self, group: dict) -> list[Check]:
         return super()._checks(group) + swan_checks(group)
 
-    def direction(self, grad: Tensor, group: dict) -> Tensor:
-        X = grad.to(compute_dtype(grad.dtype))
-        return swan_direction(X, **_direction_kwargs(group))
+    def direction(self, grads: Tensor, group: dict) -> Tensor:
+        N.scale_to_unit_max(grads, out=grads)
+        D = _materialize(grads, *_swan_factors(grads, group))
+        return D.mul_(_rescale_factor(D)) if group["rescale"] else D
 
-
-def _direction_kwargs(group: dict) -> dict:
-    return dict(gradnorm=group["gradnorm"], center=group["center"], gradnorm_axis=group["gradnorm_axis"],
-                whiten=group["whiten"], variant=group["variant"], whitening=group["whitening"],
-                ns_steps=group["ns_steps"], beta=group["beta"], diagonal_z=group["diagonal_z"],
-                rescale=group["rescale"], eps=group["eps"])
+    def update_batch(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        shape, cdt, device = (len(grads),) + tuple(grads[0].shape), compute_dtype(grads[0].dtype), grads[0].device
+        B = self.scratch(shape, cdt, device)
+        self.prescaled_copy(grads, B)  # the copy, converted and exactly prescaled (SWAN is scale-invariant)
+        form, F = _swan_factors(B, group)
+        product = form in ("left", "right")  # D = F B or B F^T goes into a second buffer
+        D = _materialize(B, form, F, out=self.scratch(shape, cdt, device, slot=1) if product else None)
+        # the rescale to entry RMS 1 is applied with the update (a (1, 1) factor per matrix)
+        scale = list(_rescale_factor(D).unbind(0)) if group["rescale"] else None
+        self.apply_updates(group, params, list(D.unbind(0)), factors=scale)
