@@ -58,3 +58,36 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture
+def signal_at(monkeypatch):
+    """``signal_at(step, signum=SIGTERM, nth_load=1)``: deliver a real ``signum`` to this process when the trainer
+    asks the ``nth_load``-th dataset it loads for training batch ``step``; returns the list of loaded datasets.
+    Runs are interrupted the way users interrupt them, without a hook in the trainer."""
+    import signal
+
+    import multinorm.train as train_module
+
+    def arm(step, signum=signal.SIGTERM, nth_load=1):
+        real_load = train_module.load_data
+        loads = []
+
+        def load_data(*args, **kwargs):
+            data = real_load(*args, **kwargs)
+            loads.append(data)
+            if len(loads) == nth_load:
+                real_batch = data.train_batch
+
+                def train_batch(i, batch_size):
+                    if i == step:
+                        signal.raise_signal(signum)
+                    return real_batch(i, batch_size)
+
+                data.train_batch = train_batch
+            return data
+
+        monkeypatch.setattr(train_module, "load_data", load_data)
+        return loads
+
+    return arm

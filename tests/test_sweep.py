@@ -5,7 +5,6 @@ import signal
 
 import pytest
 
-import multinorm.train as train_module
 from multinorm.sweep import MissingRunsError, config_key, load_runs, run_grid, run_one
 from multinorm.train import TrainConfig
 
@@ -23,29 +22,6 @@ def tiny(tmp_path, **overrides):
 def metrics(run_dir):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [{k: v for k, v in json.loads(line).items() if k not in VOLATILE} for line in lines]
-
-
-def signal_at_step(monkeypatch, step, signum=signal.SIGTERM, nth_load=1):
-    """Make the `nth_load`-th dataset that the trainer loads send `signum` when batch `step` is read."""
-    real_load = train_module.load_data
-    loads = []
-
-    def load_data(*args, **kwargs):
-        data = real_load(*args, **kwargs)
-        loads.append(data)
-        if len(loads) == nth_load:
-            real_batch = data.train_batch
-
-            def train_batch(i, batch_size):
-                if i == step:
-                    signal.raise_signal(signum)
-                return real_batch(i, batch_size)
-
-            data.train_batch = train_batch
-        return data
-
-    monkeypatch.setattr(train_module, "load_data", load_data)
-    return loads
 
 
 def test_config_key_follows_what_a_run_computes_not_how_it_is_kept(tmp_path):
@@ -81,10 +57,10 @@ def test_modes_train_resume_and_reuse(tmp_path):
     assert sorted(load_runs(tmp_path / "grid").tag) == ["", "", "", "again"]
 
 
-def test_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypatch):
+def test_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path, monkeypatch, signal_at):
     base = tiny(tmp_path, run_id=None, tokens=2 * 32 * 8)
     reference = run_grid(base, [{"lr": 1e-3}], tmp_path / "ref", progress=False)
-    signal_at_step(monkeypatch, 5)
+    signal_at(5)
 
     def exit_143(signum, frame):  # stands in for the default action, which would end the test process
         raise SystemExit(143)
@@ -104,10 +80,10 @@ def test_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path, monke
     assert metrics(run_dir) == metrics(tmp_path / "ref" / reference.run_id[0])
 
 
-def test_ctrl_c_stops_the_whole_grid_after_saving_the_current_run(tmp_path, monkeypatch):
+def test_ctrl_c_stops_the_whole_grid_after_saving_the_current_run(tmp_path, signal_at):
     """SIGINT during the second run: that run ends "interrupted" on disk, then KeyboardInterrupt reaches
     the caller as it would without the trainer's handler, and no later run starts."""
-    loads = signal_at_step(monkeypatch, 0, signal.SIGINT, nth_load=2)
+    loads = signal_at(0, signal.SIGINT, nth_load=2)
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         base = tiny(tmp_path, run_id=None)

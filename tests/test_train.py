@@ -62,25 +62,6 @@ def cli_args(cfg):
     return args + ([] if cfg.save_checkpoint else ["--no-checkpoint"])
 
 
-def signal_at(monkeypatch, step, signum=signal.SIGTERM):
-    """Deliver a real `signum` to this process when the trainer asks for training batch `step`."""
-    real_load = train_module.load_data
-
-    def load_data(*args, **kwargs):
-        data = real_load(*args, **kwargs)
-        real_batch = data.train_batch
-
-        def train_batch(i, batch_size):
-            if i == step:
-                signal.raise_signal(signum)
-            return real_batch(i, batch_size)
-
-        data.train_batch = train_batch
-        return data
-
-    monkeypatch.setattr(train_module, "load_data", load_data)
-
-
 @pytest.fixture
 def guarded_signals():
     """SIGINT/SIGTERM handlers that fail the test (instead of killing pytest) if the trainer lets one through."""
@@ -181,12 +162,12 @@ def test_two_runs_with_the_same_seed_are_identical(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_every_optimizer_resumes_exactly_after_a_sigterm(name, tmp_path, monkeypatch, guarded_signals):
+def test_every_optimizer_resumes_exactly_after_a_sigterm(name, tmp_path, monkeypatch, signal_at, guarded_signals):
     """SIGTERM during step 3, between two metric lines, then resume: every metrics line equals the
     uninterrupted run's, through a real checkpoint file."""
     full = read_metrics(train(micro(tmp_path, optimizer=name, run_id="full")).run_dir)
     cfg = micro(tmp_path, optimizer=name, run_id="cut")
-    signal_at(monkeypatch, step=2)  # batch 2 is the third step's
+    signal_at(step=2)  # batch 2 is the third step's
     cut = train(cfg)
     assert cut.status == "interrupted" and cut.summary["signal"] == "SIGTERM"
     assert cut.summary["steps_done"] == 3 and load_checkpoint(cut.run_dir / "checkpoint.pt")["step"] == 3
@@ -198,8 +179,8 @@ def test_every_optimizer_resumes_exactly_after_a_sigterm(name, tmp_path, monkeyp
     assert resumed.summary["final_val_loss"] == full[-1]["val_loss"]
 
 
-def test_sigint_without_checkpoints_stops_the_run_and_keeps_its_record(tmp_path, monkeypatch, guarded_signals):
-    signal_at(monkeypatch, step=1, signum=signal.SIGINT)
+def test_sigint_without_checkpoints_stops_the_run_and_keeps_its_record(tmp_path, signal_at, guarded_signals):
+    signal_at(step=1, signum=signal.SIGINT)
     result = train(micro(tmp_path, run_id="light", save_checkpoint=False))
     assert result.status == "interrupted" and result.summary["signal"] == "SIGINT"
     assert result.summary["steps_done"] == 2 and "cannot be resumed" in result.summary["message"]
