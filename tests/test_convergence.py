@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from multinorm.convergence import (ConvergenceStudy, StudyMethod, _extension, best_config, interior,
-                                   paired_comparisons, seed_curves, verdict_table)
+                                   paired_comparisons, seed_curves, selection_bias, verdict_table)
 from multinorm.train import TrainConfig
 
 
@@ -79,8 +79,16 @@ def test_a_tiny_study_end_to_end(tmp_path):
     sink = sweep[sweep.method == "sinkgd"].hparams.iloc[0]
     assert f'"adam_lr": {study.adamw["lr"]}' in sink and f'{study.adamw["beta2"]}' in sink
     assert set(interior(sweep).method) == {"adamw", "adamw-split", "frozen-hidden", "sinkgd"}
-    final = study.seeds([adamw, *others], sweep)
-    assert sorted(final.groupby("method").seed.apply(list).iloc[0]) == [1, 2]  # the sweep's seed 0 is not reused
+    fresh = study.seeds([adamw, *others], sweep, reuse_selection_seed=False)
+    assert [sorted(v) for v in fresh.groupby("method").seed.apply(list)] == [[1, 2]] * 4
+    final = study.seeds([adamw, *others], sweep)  # the sweep's winner is seed 0; seed 1 is reused from above
+    assert [sorted(v) for v in final.groupby("method").seed.apply(list)] == [[0, 1]] * 4
+    winners = sweep[sweep.seed == 0].merge(final[final.seed == 0], on="run_id")
+    assert len(winners) == 4 and (winners.final_val_loss_x == winners.final_val_loss_y).all()
+    bias = selection_bias(final).set_index("method")
+    assert len(bias) == 5 and bias.loc["all methods", "n"] == 4
+    seed0, seed1 = (final[final.seed == s].set_index("method").final_val_loss for s in (0, 1))
+    assert bias.loc["sinkgd", "estimate"] == pytest.approx(seed0["sinkgd"] - seed1["sinkgd"])
     best = best_config(sweep).set_index("method")
     assert (final.groupby("method").lr.first() == best.lr.loc[final.groupby("method").lr.first().index]).all()
     curves = seed_curves(final, tmp_path / "runs")

@@ -8,8 +8,10 @@ Protocol (the notebook states it for readers; this module is its code):
    ``adamw-split`` (AdamW on the hidden matrices at its own lr, the rest at the tuned AdamW lr) is tuned over
    lr x beta2 as well. A grid is extended by one x2 step while its best point is on an edge, so every winner
    is interior (or the extension budget is reported as spent).
-3. **The winners are re-run with fresh seeds** (seeds 1..K: the selection seed 0 is not reused, so the
-   reported numbers carry no selection bias). Seeds change the initialisation and the data order.
+3. **The winners are re-run with more seeds** (seeds change the initialisation and the data order). The
+   sweep's winning run (seed 0) is one of the K reported seeds and seeds 1..K-1 are new; the optimism of a run
+   that won a sweep is measured (:func:`selection_bias`: seed 0 minus the mean of the new seeds, per method and
+   pooled) and reported next to the results. ``reuse_selection_seed=False`` trains K new seeds instead.
 4. **The AdamW baseline** is the better (lower mean final loss over the reported seeds) of ``adamw`` and
    ``adamw-split``.
 5. **Comparisons are paired by seed** (:mod:`multinorm.stats`): final-loss differences with t intervals,
@@ -33,7 +35,8 @@ from multinorm.stats import mean_ci, ratio_ci, token_speedup, verdict
 from multinorm.sweep import load_curves, run_grid
 from multinorm.train import TrainConfig
 
-__all__ = ["StudyMethod", "ConvergenceStudy", "FRACTIONS", "CLAIMS", "paired_comparisons", "verdict_table"]
+__all__ = ["StudyMethod", "ConvergenceStudy", "FRACTIONS", "CLAIMS", "paired_comparisons", "selection_bias",
+           "verdict_table"]
 
 FRACTIONS = (0.5, 0.75, 1.0)
 ADAMW_BETA2 = (0.95, 0.999)
@@ -120,16 +123,51 @@ class ConvergenceStudy:
         self.adamw = {"lr": float(best.lr), "beta2": float(best.beta2)}
         return table
 
-    def seeds(self, methods: Sequence[StudyMethod], sweep: pd.DataFrame) -> pd.DataFrame:
-        """Re-run every method at its tuned (lr, beta2) with seeds 1..method.seeds."""
+    def seeds(self, methods: Sequence[StudyMethod], sweep: pd.DataFrame, *,
+              reuse_selection_seed: bool = True) -> pd.DataFrame:
+        """Every method at its tuned (lr, beta2) on ``method.seeds`` seeds.
+
+        With ``reuse_selection_seed`` the sweep's winning run (seed 0) counts as one of them and seeds
+        1..K-1 are trained; the optimism of a selected run is then estimated by :func:`selection_bias`.
+        Without it, seeds 1..K are all trained and no reported number comes from the selection.
+        """
         best = best_config(sweep).set_index("method")
-        rows = []
+        rows, kept = [], []
         for m in methods:
             b = best.loc[m.name]
             hp = next(h for h in self._variants(m)
                       if h.get("adam_betas", (0.9, 0.999))[1] == b.beta2 or not m.tune_beta2)
-            rows += [_grid_row(m, float(b.lr), s, hp) for s in range(1, m.seeds + 1)]
-        return self._run(rows)
+            winner = sweep[(sweep.method == m.name) & (sweep.lr == b.lr) & (sweep.beta2 == b.beta2)
+                           & (sweep.seed == 0)]
+            if reuse_selection_seed and len(winner):
+                kept.append(winner.iloc[:1])
+                rows += [_grid_row(m, float(b.lr), s, hp) for s in range(1, m.seeds)]
+            else:
+                rows += [_grid_row(m, float(b.lr), s, hp) for s in range(1, m.seeds + 1)]
+        fresh = self._run(rows)
+        return pd.concat([*kept, fresh], ignore_index=True).sort_values(["method", "seed"], ignore_index=True)
+
+
+def selection_bias(final: pd.DataFrame, selection_seed: int = 0) -> pd.DataFrame:
+    """How optimistic the selection seed's run is: per method, its final loss minus the mean of the other seeds,
+    and (method ``"all methods"``) the mean of those differences with its 95 % t interval over methods.
+
+    A negative value means the run that won the lr sweep also drew a lucky seed (the winner's curse); an interval
+    that contains 0 means reusing it as a reported seed biases nothing this study can resolve.
+    """
+    rows = []
+    for method, runs in final.groupby("method", sort=False):
+        chosen = runs[runs.seed == selection_seed].final_val_loss
+        others = runs[runs.seed != selection_seed].final_val_loss
+        if len(chosen) and len(others) and np.isfinite(chosen.iloc[0]) and np.isfinite(others).all():
+            rows.append({"method": method, "estimate": float(chosen.iloc[0] - others.mean()), "ci_low": math.nan,
+                         "ci_high": math.nan, "n": len(others)})
+    table = pd.DataFrame(rows, columns=["method", "estimate", "ci_low", "ci_high", "n"])
+    if len(table) >= 2:
+        ci = mean_ci(table.estimate.to_numpy())
+        table.loc[len(table)] = {"method": "all methods", "estimate": ci.estimate, "ci_low": ci.low,
+                                 "ci_high": ci.high, "n": ci.n}
+    return table
 
 
 def _extension(table: pd.DataFrame) -> float | None:
