@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SCALE  ?= default
 JOBS   ?= 1
+TEST_WORKERS ?= auto
 RESUME ?=
 REUSE  ?=
 FIGURE_FLAGS := --scale $(SCALE) --jobs $(JOBS) $(if $(RESUME),--resume) $(if $(REUSE),--reuse)
@@ -15,7 +16,8 @@ FIGURE_FLAGS := --scale $(SCALE) --jobs $(JOBS) $(if $(RESUME),--resume) $(if $(
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  variables: SCALE=default|quick, JOBS=N (parallel runs), RESUME=1 (train only missing or unfinished runs),"
-	@echo "             REUSE=1 (train nothing, redraw from results/runs) for figures; PYTHON=python3 (venv interpreter)"
+	@echo "             REUSE=1 (train nothing, redraw from results/runs) for figures; TEST_WORKERS=auto|N (pytest-xdist);"
+	@echo "             PYTHON=python3 (venv interpreter)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +32,7 @@ data: $(STAMP) ## build the embedded wiki-sample corpus and tokenizer cache in d
 	$(PY) -m multinorm.data --dataset wiki-sample
 
 test: $(STAMP) ## run the unit, end-to-end and notebook smoke tests (CPU, offline)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal --durations=15
 
 smoke: $(STAMP) ## run every notebook with tiny parameters into a temporary folder
 	$(PY) -m multinorm.studies smoke

@@ -10,6 +10,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist the workers share the cores: each gets its share of threads, for torch in this process
+    and (through OMP_NUM_THREADS) for the training subprocesses and notebook kernels it starts."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def offline():
     """Hugging Face offline mode for the whole run, restored afterwards.

@@ -77,3 +77,11 @@ def test_verdicts(low, high, expected):
 def test_verdict_rejects_a_claim_of_no_effect():
     with pytest.raises(ValueError):
         verdict(1.1, 1.2, claim=1.0)
+
+
+def test_token_speedup_is_finite_when_a_curve_starts_at_the_target():
+    t = [0, 100, 200]
+    # the baseline never improves: its target is the shared starting loss, reached by both at 0 tokens
+    assert token_speedup(t, [8, 8.5, 9], t, [8, 7, 6], fraction=1.0) == (1.0, False)
+    # a curve that starts below the target (no shared start): bounded by its first evaluation after 0
+    assert token_speedup(t, [8, 7, 6], [0, 50, 200], [5.5, 5.2, 5], fraction=1.0) == (200 / 50, False)

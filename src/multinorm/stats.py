@@ -114,7 +114,12 @@ def token_speedup(base_tokens: Sequence[float], base_losses: Sequence[float], to
     t_method = tokens_to_reach(tokens, losses, target)
     if math.isnan(t_method):
         return t_base / float(tokens[-1]), True
-    return t_base / t_method if t_method > 0 else math.inf, False
+    if t_method == 0.0:
+        # Reached at the first evaluation: with a target no lower than the starting loss (a baseline that did
+        # not improve) both curves start there, S = 1; otherwise the method got there before its next
+        # evaluation, and that evaluation's token count bounds S from below (the curve's resolution).
+        return (1.0 if t_base == 0.0 else t_base / float(tokens[1])), False
+    return t_base / t_method, False
 
 
 def verdict(low: float, high: float, claim: float) -> str:

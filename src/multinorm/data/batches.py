@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from multinorm.data.hashing import sha256_file, sha256_texts
@@ -209,15 +210,22 @@ def _prepare_tokens(
     fingerprint) and the corpus hash; ``tokens.json`` (written last) records the
     sha256 of every file so corrupt or partial caches are rebuilt.
     """
-    from transformers import PreTrainedTokenizerFast
-
-    own = tokenizer is None
-    if own:
+    if tokenizer is None:
         cache = work_dir / f"bpe-v{vocab_size}-{corpus_hash[:12]}"
     else:
         cache = work_dir / f"tok-{tokenizer_fingerprint(tokenizer)[:12]}-{corpus_hash[:12]}"
-    meta_path = cache / "tokens.json"
+    # Parallel sweep workers (and test workers) may ask for the same cache at once: one builds, the rest wait.
+    work_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(cache.parent / f".{cache.name}.lock"):
+        return _load_or_build_tokens(cache, corpus_hash, train_texts, val_texts, vocab_size, tokenizer)
 
+
+def _load_or_build_tokens(cache: Path, corpus_hash: str, train_texts: list[str], val_texts: list[str],
+                          vocab_size: int, tokenizer) -> tuple[Any, np.ndarray, np.ndarray, dict]:
+    from transformers import PreTrainedTokenizerFast
+
+    own = tokenizer is None
+    meta_path = cache / "tokens.json"
     problem = None
     if not meta_path.exists():
         problem = "no tokens.json"

@@ -24,6 +24,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from filelock import FileLock
 from tqdm.auto import tqdm
 
 from multinorm.data.batches import PackedLMData, cache_root, packed_data
@@ -305,6 +306,14 @@ def build_wiki_sample(cache_dir: str | os.PathLike | None = None, force: bool = 
     not cached beside it). ``force=True`` rebuilds unconditionally.
     """
     out = cache_root(cache_dir) / WIKI_SAMPLE_DIR
+    if not force and _check_manifest(out) is None:
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(out.parent / f".{out.name}.lock"):  # parallel workers: one builds, the others then find it
+        return _build_wiki_sample(out, force)
+
+
+def _build_wiki_sample(out: Path, force: bool) -> Path:
     if not force:
         problem = _check_manifest(out)
         if problem is None:
