@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from multinorm.convergence import (ConvergenceStudy, StudyMethod, _extension, best_config, interior,
-                                   paired_comparisons, seed_curves, selection_bias, verdict_table)
+                                   paired_comparisons, seed_curves, selection_bias, verdict_table,
+                                   bench_throughput_ratios)
 from multinorm.train import TrainConfig
 
 
@@ -61,6 +62,30 @@ def test_a_slower_method_is_contradicted_and_censored_seeds_are_counted():
     curves = curves.replace(rename)
     verdicts = verdict_table(final, curves, baseline="base").set_index("claim")
     assert verdicts.iloc[0].verdict == "contradicted"
+
+
+
+def test_throughput_claims_use_the_benchmark_when_given():
+    final, curves = synthetic(2.0)
+    rename = {r: r.replace("fast", "sinkgd") for r in curves.run_id.unique()}
+    final, curves = final.replace({"fast": "sinkgd", **rename}), curves.replace(rename)
+    # interleaved rounds: AdamW 1.0 s per step, SinkGD about 0.8 s -> about 1.25x the tokens/s
+    sink = (0.80, 0.82, 0.79, 0.81)
+    raw = pd.DataFrame([{"table": "train_throughput", "round": r, "name": n, "seconds": t}
+                        for r in range(4) for n, t in (("adamw", 1.0), ("sinkgd", sink[r]))])
+    ratios = bench_throughput_ratios(raw, "sinkgd")
+    assert ratios == pytest.approx([1 / t for t in sink])
+    with pytest.raises(ValueError, match="no 'swan'"):
+        bench_throughput_ratios(raw, "swan")
+    runs_only = verdict_table(final, curves, "base").set_index("claim")
+    bench = verdict_table(final, curves, "base", throughput={"sinkgd": ratios}).set_index("claim")
+    raw_claim = "SinkGD's raw throughput is 1.09x Adam's"
+    eff_claim = "SinkGD's effective throughput is 3x Adam's"
+    assert runs_only.loc[raw_claim, "ours"] == pytest.approx(1.1) and runs_only.loc[raw_claim, "source"] == "study runs"
+    assert bench.loc[raw_claim, "ours"] == pytest.approx(1.25, rel=0.02) and bench.loc[raw_claim, "source"] == "make bench"
+    assert bench.loc[raw_claim, "verdict"] == "reproduced"  # above 1.09 in every round
+    assert bench.loc[eff_claim, "ours"] == pytest.approx(2.0 * 1.25, rel=0.04)
+    assert bench.loc[eff_claim, "ci_low"] < bench.loc[eff_claim, "ours"] < bench.loc[eff_claim, "ci_high"]
 
 
 @pytest.mark.slow

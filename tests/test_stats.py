@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from multinorm.stats import mean_ci, ratio_ci, token_speedup, tokens_to_reach, verdict
+from multinorm.stats import mean_ci, product_ci, ratio_ci, token_speedup, tokens_to_reach, verdict
 
 
 def test_mean_ci_matches_the_t_interval_by_hand():
@@ -85,3 +85,16 @@ def test_token_speedup_is_finite_when_a_curve_starts_at_the_target():
     assert token_speedup(t, [8, 8.5, 9], t, [8, 7, 6], fraction=1.0) == (1.0, False)
     # a curve that starts below the target (no shared start): bounded by its first evaluation after 0
     assert token_speedup(t, [8, 7, 6], [0, 50, 200], [5.5, 5.2, 5], fraction=1.0) == (200 / 50, False)
+
+
+def test_product_ci_multiplies_geometric_means_and_widens_with_either_spread():
+    a, b = [2.0, 2.2, 1.8, 2.1], [1.1, 1.1, 1.1]
+    ci = product_ci(a, b)
+    assert ci.estimate == pytest.approx(float(np.exp(np.log(a).mean())) * 1.1)
+    # b without spread: the interval is a's own (t with n_a - 1 degrees of freedom) times 1.1
+    a_only = ratio_ci(a)
+    assert (ci.low, ci.high) == pytest.approx((a_only.low * 1.1, a_only.high * 1.1))
+    wider = product_ci(a, [1.0, 1.2, 1.1])
+    assert wider.high / wider.low > ci.high / ci.low
+    with pytest.raises(ValueError):
+        product_ci([2.0], b)

@@ -31,12 +31,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from multinorm.stats import mean_ci, ratio_ci, token_speedup, verdict
+from multinorm.stats import mean_ci, product_ci, ratio_ci, token_speedup, verdict
 from multinorm.sweep import load_curves, run_grid
 from multinorm.train import TrainConfig
 
 __all__ = ["StudyMethod", "ConvergenceStudy", "FRACTIONS", "CLAIMS", "paired_comparisons", "selection_bias",
-           "verdict_table"]
+           "verdict_table", "bench_throughput_ratios"]
 
 FRACTIONS = (0.5, 0.75, 1.0)
 ADAMW_BETA2 = (0.95, 0.999)
@@ -258,30 +258,65 @@ CLAIMS = (
 )
 
 
-def effective_throughput(final: pd.DataFrame, curves: pd.DataFrame, method: str, reference: str) -> tuple:
-    """Per-seed (token speed-up at 100 %) x (throughput ratio), with its log-scale interval."""
+def bench_throughput_ratios(raw_times: pd.DataFrame, method: str, reference: str = "adamw") -> np.ndarray:
+    """Per round of the interleaved training benchmark (``make bench``, ``results/bench/raw_times.csv``):
+    tokens/s of ``method`` over tokens/s of ``reference``, both timed in the same round on an idle machine."""
+    t = raw_times[raw_times.table == "train_throughput"]
+    wide = t.pivot_table(index="round", columns="name", values="seconds")
+    if not {method, reference} <= set(wide.columns):
+        raise ValueError(f"the training benchmark has no {method!r} and {reference!r} rows")
+    return (wide[reference] / wide[method]).to_numpy(float)
+
+
+def _speedups(final: pd.DataFrame, curves: pd.DataFrame, method: str, reference: str) -> tuple[list, list]:
     ref, runs = final[final.method == reference].set_index("seed"), final[final.method == method].set_index("seed")
-    values = []
-    for s in sorted(set(ref.index) & set(runs.index)):
-        speed, _ = token_speedup(*_curve(curves, ref.loc[s, "run_id"]), *_curve(curves, runs.loc[s, "run_id"]), 1.0)
-        values.append(speed * runs.loc[s, "tokens_per_s"] / ref.loc[s, "tokens_per_s"])
-    return ratio_ci(values) if values else None
+    seeds = sorted(set(ref.index) & set(runs.index))
+    speed = [token_speedup(*_curve(curves, ref.loc[s, "run_id"]), *_curve(curves, runs.loc[s, "run_id"]), 1.0)[0]
+             for s in seeds]
+    return seeds, speed
 
 
-def verdict_table(final: pd.DataFrame, curves: pd.DataFrame, baseline: str) -> pd.DataFrame:
-    """``claim, paper, ours, ci_low, ci_high, n, censored, reference, verdict`` for every entry of :data:`CLAIMS`.
+def effective_throughput(final: pd.DataFrame, curves: pd.DataFrame, method: str, reference: str,
+                         throughput: Sequence[float] | None = None):
+    """(Token speed-up at 100 %) x (raw throughput ratio), with its log-scale interval.
 
+    With ``throughput`` (per-round ratios from :func:`bench_throughput_ratios`) the two independent samples
+    are combined by :func:`multinorm.stats.product_ci`; without it each seed's speed-up is multiplied by the
+    same seed's tokens/s ratio from the run records."""
+    seeds, speed = _speedups(final, curves, method, reference)
+    if not seeds:
+        return None
+    if throughput is not None:
+        return product_ci(speed, throughput)
+    ref, runs = final[final.method == reference].set_index("seed"), final[final.method == method].set_index("seed")
+    return ratio_ci([v * runs.loc[s, "tokens_per_s"] / ref.loc[s, "tokens_per_s"] for s, v in zip(seeds, speed)])
+
+
+def verdict_table(final: pd.DataFrame, curves: pd.DataFrame, baseline: str,
+                  throughput: dict[str, Sequence[float]] | None = None) -> pd.DataFrame:
+    """``claim, paper, ours, ci_low, ci_high, n, censored, reference, source, verdict`` for every entry of
+    :data:`CLAIMS`.
+
+    ``throughput`` maps a method to its per-round tokens/s ratios over AdamW from the training benchmark
+    (:func:`bench_throughput_ratios`); the throughput claims of such a method use them (an idle machine,
+    interleaved rounds) instead of the study runs' own tokens/s, which parallel workers share the cores for.
     A speed-up whose every seed is censored at a bound <= 1 (the method never reached the reference's loss within
     the budget) is "contradicted", although its interval of bounds touches 1.
     """
+    throughput = throughput or {}
     rows = []
     for claim, paper, factor, method, reference, quantity in CLAIMS:
         reference = baseline if reference == "baseline" else reference
         if not {method, reference} <= set(final.method):
             continue
-        censored = 0
-        if quantity == "effective_throughput":
-            ci = effective_throughput(final, curves, method, reference)
+        censored, source = 0, "study runs"
+        bench = throughput.get(method) if quantity != "final_loss_diff" else None
+        if quantity == "throughput_ratio" and bench is not None:
+            ci, source = ratio_ci(bench), "make bench"
+            est, lo, hi, n = ci.estimate, ci.low, ci.high, ci.n
+        elif quantity == "effective_throughput":
+            ci = effective_throughput(final, curves, method, reference, bench)
+            source = "study runs x make bench" if bench is not None else source
             est, lo, hi, n = (ci.estimate, ci.low, ci.high, ci.n) if ci else (math.nan,) * 3 + (0,)
         else:
             table = paired_comparisons(final[final.method.isin([method, reference])], curves, reference)
@@ -292,7 +327,7 @@ def verdict_table(final: pd.DataFrame, curves: pd.DataFrame, baseline: str) -> p
             # No seed reached the reference's loss within the budget: every speed-up is below its bound <= 1.
             word = "contradicted"
         rows.append({"claim": claim, "paper": paper, "ours": est, "ci_low": lo, "ci_high": hi, "n": n,
-                     "censored": censored, "reference": reference, "verdict": word})
+                     "censored": censored, "reference": reference, "source": source, "verdict": word})
     return pd.DataFrame(rows)
 
 

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as sps
 
-__all__ = ["Interval", "mean_ci", "ratio_ci", "tokens_to_reach", "loss_at", "token_speedup", "verdict", "VERDICTS"]
+__all__ = ["Interval", "mean_ci", "ratio_ci", "product_ci", "tokens_to_reach", "loss_at", "token_speedup", "verdict", "VERDICTS"]
 
 VERDICTS = ("reproduced", "partly", "not reproduced", "contradicted")
 
@@ -133,3 +133,21 @@ def verdict(low: float, high: float, claim: float) -> str:
     if low <= 1.0:
         return "not reproduced"
     return "reproduced" if high >= claim else "partly"
+
+
+def product_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> Interval:
+    """Geometric mean of ``a`` times that of ``b``, two independent samples of positive ratios (e.g. per-seed
+    token speed-ups and per-round throughput ratios), with a Welch-Satterthwaite t interval on the log scale.
+    ``n`` is the smaller sample's size."""
+    la, lb = np.log(np.asarray(a, dtype=float)), np.log(np.asarray(b, dtype=float))
+    if la.size < 2 or lb.size < 2 or not (np.all(np.isfinite(la)) and np.all(np.isfinite(lb))):
+        raise ValueError("product_ci needs at least two finite positive ratios in each sample")
+    va, vb = la.var(ddof=1) / la.size, lb.var(ddof=1) / lb.size
+    estimate = float(la.mean() + lb.mean())
+    se = math.sqrt(va + vb)
+    if se == 0.0:
+        return Interval(math.exp(estimate), math.exp(estimate), math.exp(estimate), int(min(la.size, lb.size)))
+    df = (va + vb) ** 2 / (va ** 2 / (la.size - 1) + vb ** 2 / (lb.size - 1))
+    half = float(sps.t.ppf(0.5 + level / 2, df)) * se
+    return Interval(math.exp(estimate), math.exp(estimate - half), math.exp(estimate + half),
+                    int(min(la.size, lb.size)))

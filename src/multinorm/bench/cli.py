@@ -27,7 +27,7 @@ QUICK_METHODS = ("adamw-foreach", "adamw-fused", "sgd", "sinkgd", "swan")
 QUICK_TRAIN_OPTIMIZERS = ("adamw", "sinkgd")
 RAW_COLUMNS = ["table", "setting", "device", "dtype", "comparison", "round", "name", "seconds", "calls"]
 INT_COLUMNS = {"threads", "matrices", "params", "rounds", "state_bytes", "peak_extra_bytes", "host_syncs", "bytes",
-               "matmul_n", "batch_size", "seq_len", "steps_profiled", "round", "calls"}
+               "matmul_n", "vocab_size", "batch_size", "seq_len", "steps_profiled", "round", "calls"}
 # option: (full run, --quick); None in the parsed arguments means "not given"
 DEFAULTS = {"rounds": (7, 2), "slow_rounds": (3, 2), "min_run_time": (0.2, 0.01), "bandwidth_mib": (1024, 32),
             "profile_steps": (4, 2)}

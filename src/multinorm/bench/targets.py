@@ -115,8 +115,8 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
         cell = part.assign(cell=[f"{ms:.1f} ms ({100 * f:.0f}%)"
                                  for ms, f in zip(part["ms_per_step"], part["fraction"])])
         wide = cell.pivot_table(index="phase", columns="optimizer", values="cell", aggfunc="first", sort=False)
-        lines += [f"**Where a `{first['model']}` training step spends its time** ({first['batch_size']} x "
-                  f"{first['seq_len']} tokens, {first['device']} {first['dtype']}; evaluation amortized over its "
+        lines += [f"**Where a `{first['model']}` training step spends its time** (vocabulary "
+                  f"{first.get('vocab_size', '?')}, {first['batch_size']} x {first['seq_len']} tokens, {first['device']} {first['dtype']}; evaluation amortized over its "
                   f"interval; torch.profiler)\n", _table(wide.reset_index()), ""]
     bandwidth = tables.get("bandwidth")
     if bandwidth is not None and not bandwidth.empty:

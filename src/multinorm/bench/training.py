@@ -1,8 +1,8 @@
 """Training-step benchmark at ``nano``: tokens/s per optimizer (interleaved) and where a step's time goes.
 
 The loop mirrors the trainer's step (:func:`multinorm.train.train`) with the same public pieces --
-``load_data``, ``build_model``, ``build_optimizer`` -- and the studies' defaults: batch 8 x 256 tokens,
-vocabulary 4096, a 16,384-token validation set evaluated every 16 steps. One step: fetch the batch,
+``load_data``, ``build_model``, ``build_optimizer`` -- and the regime of the convergence study (notebook 02):
+batch 16 x 256 tokens, vocabulary 1024, a 65,536-token validation set evaluated every 32 steps. One step: fetch the batch,
 forward, backward, read the loss (the trainer logs it every step), optimizer step, ``zero_grad``, LR
 scheduler step. Every optimizer trains its own copy of the model (same seed) on the same batches.
 """
@@ -26,23 +26,23 @@ __all__ = ["TrainSetup", "make_loops", "train_throughput", "train_profile", "PHA
 
 PHASES = ("data", "forward", "backward", "optimizer", "evaluation")
 LABEL = "bench:"  # prefix of the profiler ranges, so no other range shares their names
-THROUGHPUT_COLUMNS = ["model", "device", "dtype", "threads", "batch_size", "seq_len", "optimizer", "baseline",
-                      "rounds", "step_ms", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "ratio",
-                      "ratio_min", "ratio_max", "note"]
-PROFILE_COLUMNS = ["model", "device", "dtype", "threads", "batch_size", "seq_len", "optimizer", "phase",
-                   "ms_per_step", "fraction", "steps_profiled"]
+THROUGHPUT_COLUMNS = ["model", "device", "dtype", "threads", "vocab_size", "batch_size", "seq_len", "optimizer",
+                      "baseline", "rounds", "step_ms", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
+                      "ratio", "ratio_min", "ratio_max", "note"]
+PROFILE_COLUMNS = ["model", "device", "dtype", "threads", "vocab_size", "batch_size", "seq_len", "optimizer",
+                   "phase", "ms_per_step", "fraction", "steps_profiled"]
 
 
 @dataclass
 class TrainSetup:
     model: str = "nano"
     dataset: str = "wiki-sample"
-    vocab_size: int = 4096
-    batch_size: int = 8
+    vocab_size: int = 1024
+    batch_size: int = 16
     seq_len: int = 256
-    eval_tokens: int = 16_384
+    eval_tokens: int = 65_536
     eval_batch_size: int = 16
-    eval_interval: int = 16
+    eval_interval: int = 32
     lr: float = 1e-3
     seed: int = 0
 
@@ -102,7 +102,8 @@ def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch
 
 def _common(setup: TrainSetup, device: torch.device, dtype: torch.dtype) -> dict:
     return {"model": setup.model, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "batch_size": setup.batch_size, "seq_len": setup.seq_len}
+            "threads": torch.get_num_threads(), "vocab_size": setup.vocab_size, "batch_size": setup.batch_size,
+            "seq_len": setup.seq_len}
 
 
 def train_throughput(loops: Sequence[Loop], setup: TrainSetup, device: torch.device, dtype: torch.dtype,
