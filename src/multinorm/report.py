@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-__all__ = ["set_style", "save_figure", "tokens_to_reach", "markdown_table", "replace_section", "update_readme",
-           "METHOD_LABELS", "method_label"]
+__all__ = ["set_style", "save_figure", "markdown_table", "replace_section", "update_readme",
+           "METHOD_LABELS", "METHOD_STYLES", "method_label", "method_style", "method_colors"]
 
 METHOD_LABELS = {
     "adamw": "AdamW", "sgd": "SGD", "sinkgd": "SinkGD", "swan": "SWAN", "swan-nsds": "SWAN (NSDS)",
@@ -30,27 +30,53 @@ METHOD_LABELS = {
 }
 
 
+# One visual identity per method, used by every figure: colour, marker, line style. The AdamW forms are neutral
+# greys (the baseline always looks the same), the control is dashed, and the methods that appear together in the
+# convergence figures get clearly distinct hues (Okabe-Ito / seaborn "colorblind" first, then darker extras; no
+# yellow, which does not read on white).
+METHOD_STYLES: dict[str, dict[str, str]] = {
+    "adamw": {"color": "#333333", "marker": "o", "ls": "-"},
+    "adamw-split": {"color": "#8c8c8c", "marker": "s", "ls": "-"},
+    "frozen-hidden": {"color": "#b0b0b0", "marker": "x", "ls": "--"},
+    "sinkgd": {"color": "#0173b2", "marker": "D", "ls": "-"},
+    "swan": {"color": "#de8f05", "marker": "^", "ls": "-"},
+    "swan-nsds": {"color": "#d55e00", "marker": "<", "ls": "-"},
+    "mngd": {"color": "#029e73", "marker": ">", "ls": "-"},
+    "sgd": {"color": "#6b8e23", "marker": "v", "ls": "-"},
+    "muon": {"color": "#cc78bc", "marker": "P", "ls": "-"},
+    "galore": {"color": "#8c564b", "marker": "X", "ls": "-"},
+    "apollo": {"color": "#17becf", "marker": "h", "ls": "-"},
+    "apollo-mini": {"color": "#5e3c99", "marker": "p", "ls": "-"},
+    "fira": {"color": "#c51b7d", "marker": "*", "ls": "-"},
+}
+_UNKNOWN_STYLE = {"color": "#000000", "marker": ".", "ls": ":"}
+
+
 def method_label(name: str) -> str:
     return METHOD_LABELS.get(name, name)
 
 
+def method_style(name: str) -> dict[str, str]:
+    """``color``, ``marker``, ``ls`` and ``label`` of a method, the same in every figure (matplotlib kwargs)."""
+    return {**METHOD_STYLES.get(name, _UNKNOWN_STYLE), "label": method_label(name)}
+
+
+def method_colors(methods: Sequence[str]) -> dict[str, str]:
+    """The fixed colour of each method (see :data:`METHOD_STYLES`)."""
+    return {m: method_style(m)["color"] for m in methods}
+
+
 def set_style() -> None:
-    """The one style of every figure: seaborn whitegrid, readable fonts, a fixed palette per method."""
+    """The one style of every figure: seaborn whitegrid, readable fonts; colours per method from
+    :func:`method_style`."""
     import matplotlib as mpl
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="notebook", palette="colorblind")
     mpl.rcParams.update({"figure.dpi": 110, "savefig.dpi": 150, "savefig.bbox": "tight",
-                         "axes.titleweight": "bold", "legend.frameon": False})
-
-
-def method_colors(methods: Sequence[str]) -> dict[str, tuple]:
-    import seaborn as sns
-
-    order = list(METHOD_LABELS)
-    # colorblind has 10 colours; the dark variant extends it so no two known methods share one
-    palette = sns.color_palette("colorblind", 10) + sns.color_palette("dark", 10)
-    return {m: palette[order.index(m)] if m in order else palette[-1] for m in methods}
+                         "axes.titleweight": "bold", "axes.titlesize": 12, "axes.labelsize": 11,
+                         "xtick.labelsize": 10, "ytick.labelsize": 10, "legend.fontsize": 9,
+                         "legend.frameon": False, "lines.linewidth": 1.8})
 
 
 def save_figure(fig, name: str, figures_dir: str | Path = "figures") -> list[Path]:
@@ -61,21 +87,6 @@ def save_figure(fig, name: str, figures_dir: str | Path = "figures") -> list[Pat
     for path in paths:
         fig.savefig(path, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
     return paths
-
-
-def tokens_to_reach(tokens: Sequence[float], losses: Sequence[float], target: float) -> float:
-    """First token count at which the loss curve reaches `target`, interpolated linearly between evaluations.
-
-    Returns NaN when the curve never gets there (docs/benchmark.md#token-efficiency-speed-up: T_method(PPL*)).
-    """
-    tokens, losses = np.asarray(tokens, dtype=float), np.asarray(losses, dtype=float)
-    for i, loss in enumerate(losses):
-        if loss <= target:
-            if i == 0:
-                return float(tokens[0])
-            t0, t1, l0, l1 = tokens[i - 1], tokens[i], losses[i - 1], losses[i]
-            return float(t0 + (t1 - t0) * (l0 - target) / (l0 - l1))
-    return math.nan
 
 
 def _fmt(value) -> str:
