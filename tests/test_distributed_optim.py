@@ -36,7 +36,7 @@ def _reference(name: str, kw: dict, seed: int):
     return [p.detach() for p in ps]
 
 
-def _sharded_step(rank, world, name, kw, seed, only=None):
+def _sharded_step(rank, world, name, kw, seed, only=None, replicated=False):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -44,16 +44,32 @@ def _sharded_step(rank, world, name, kw, seed, only=None):
     items = [it for i, it in enumerate(_params(seed)) if only is None or i in only]
     ps = []
     for w, g, dim in items:
-        p = torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(dim)]))
-        p.grad = distribute_tensor(g, mesh, [Shard(dim)])
+        if replicated:  # DDP: every rank holds the whole matrix and the same gradient
+            p = torch.nn.Parameter(w.clone())
+            p.grad = g.clone()
+        else:
+            p = torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(dim)]))
+            p.grad = distribute_tensor(g, mesh, [Shard(dim)])
         ps.append(p)
-    _make(name, ps, **kw).step()
-    return [p.detach().full_tensor() for p in ps], [w for w, _, _ in items]
+    opt = _make(name, ps, **kw)
+    if replicated:
+        opt.split_work_over(dist.group.WORLD)
+    computed = []
+    if hasattr(opt, "_directions"):  # record the matrices this rank whitens
+        real = opt._directions
+        opt._directions = lambda groups, mats: computed.extend(m.shape for m in mats) or real(groups, mats)
+    opt.step()
+    if hasattr(opt, "_directions"):
+        counts = [None] * world
+        dist.all_gather_object(counts, len(computed))
+        assert sum(counts) == len(ps) and min(counts) > 0, counts  # each matrix once, every rank has work
+    full = [p.detach() if replicated else p.detach().full_tensor() for p in ps]
+    return full, [w for w, _, _ in items]
 
 
-def _check_matches(rank, world, configs):
+def _check_matches(rank, world, configs, replicated=False):
     for name, kw in configs:
-        got, before = _sharded_step(rank, world, name, kw, seed=1)
+        got, before = _sharded_step(rank, world, name, kw, seed=1, replicated=replicated)
         want = _reference(name, kw, seed=1)
         for g, w, b in zip(got, want, before):
             err = ((g - b) - (w - b)).abs().max() / (w - b).abs().max()
@@ -66,6 +82,8 @@ CONFIGS = {
     "mngd": [("mngd", dict(lr=0.1, norms=("row", "col"), iters=3)),
              ("mngd", dict(lr=0.1, norms=("gradnorm", "frobenius", "sign", "col"), iters=2, maximize=True)),
              ("mngd", dict(lr=0.1, norms=("gradnorm", "spectral"), iters=1))],
+    "swan": [("swan", dict(lr=0.1, weight_decay=0.1)), ("swan", dict(lr=0.1, variant="nsds", gradnorm_axis="longer")),
+             ("swan", dict(lr=0.1, whitening="exact", maximize=True))],
 }
 
 
@@ -74,6 +92,12 @@ def test_sharded_step_matches_single_process(method):
     """Row-sharded matrices with uneven and empty shards, column-sharded ones, 3-D ones: one step on 2
     ranks equals the single-process step to fp32 rounding."""
     spawn(_check_matches, CONFIGS[method])
+
+
+def test_swan_replicated_split_matches_single_process():
+    """Under DDP (whole matrices, equal gradients on every rank) SWAN whitens each matrix on one rank and
+    all-gathers the updates: the result equals the single-process step."""
+    spawn(_check_matches, CONFIGS["swan"][:2], True)
 
 
 def _count_collectives(rank, world, iters, subsets):

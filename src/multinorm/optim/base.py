@@ -89,6 +89,7 @@ class StatelessMatrixOptimizer(Optimizer):
     def __init__(self, params, defaults: dict) -> None:
         self._scratch: dict = {}
         self._scratch_sizes: dict = {}
+        self.replica_group = None
         # torch's constructor adds each group through add_param_group, which checks the defaults too
         super().__init__(params, defaults)
 
@@ -241,12 +242,28 @@ class StatelessMatrixOptimizer(Optimizer):
             g = items[0][1]
             key = (g.device, compute_dtype(g.dtype))
             self._scratch_sizes[key] = max(self._scratch_sizes.get(key, 0), len(items) * g.numel())
-        for group, items in batches:
-            self.update_batch(group, [p for p, _ in items], [g for _, g in items])
+        if self.replica_group is not None and batches:
+            self.update_replicated(batches)
+        else:
+            for group, items in batches:
+                self.update_batch(group, [p for p, _ in items], [g for _, g in items])
         if sharded:
             if len({id(b.sharding.group) for b in sharded}) > 1:
                 raise ValueError(f"{type(self).__name__}: sharded parameters must share one device mesh")
             self.update_sharded(sharded)
+
+    def split_work_over(self, group: Any) -> None:
+        """Declare the plain (not sharded) parameters replicas on every rank of the process group ``group``
+        with equal gradients, as under DistributedDataParallel: a method whose work is worth splitting
+        (SWAN's whitening) then computes each matrix on one rank and shares the updates (every rank must
+        step together). ``None`` (the default) undoes it."""
+        self.replica_group = group
+
+    def update_replicated(self, batches: list[tuple[dict, list[tuple[Tensor, Tensor]]]]) -> None:
+        """The step of the replicated plain parameters after :meth:`split_work_over`. This default computes
+        every matrix on every rank (right for methods as cheap as the exchange would be)."""
+        for group, items in batches:
+            self.update_batch(group, [p for p, _ in items], [g for _, g in items])
 
     def update_sharded(self, batches: list[ShardedBatch]) -> None:
         """One step for every sharded matrix of the step at once (all ranks call it together), given as

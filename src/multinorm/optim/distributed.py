@@ -21,7 +21,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["Sharding", "local_parts", "all_reduce_packed", "local_abs_max", "global_abs_max", "shard_sizes", "sum_over",
-           "sinkhorn_square_scalings_sharded", "gather_full", "local_block"]
+           "sinkhorn_square_scalings_sharded", "gather_full", "local_block",
+           "assign_owners", "owner_compute", "owner_compute_replicated"]
 
 
 @dataclass(frozen=True)
@@ -211,3 +212,105 @@ def local_block(full: Tensor, sharding: Sharding) -> Tensor:
     start = sum(sizes[:rank])
     block = full.reshape(full.shape[0], *sharding.shape).narrow(1 + d, start, sizes[rank])
     return block.reshape(full.shape[0], block.shape[1], math.prod(block.shape[2:]))
+
+
+def assign_owners(numels: Sequence[int], world: int) -> list[int]:
+    """An owner rank per matrix: largest first, each to the rank with the fewest entries so far (ties to
+    the lower rank), so the ranks share the work and no matrix is computed twice."""
+    load = [0] * world
+    owners = [0] * len(numels)
+    for i in sorted(range(len(numels)), key=lambda i: -numels[i]):
+        owners[i] = min(range(world), key=lambda r: load[r])
+        load[owners[i]] += numels[i]
+    return owners
+
+
+def _exchange(send: list[list[Tensor]], recv_counts: list[list[int]], group: Any, dtype: torch.dtype,
+              device: torch.device) -> list[list[Tensor]]:
+    """``send[r]``: the tensors for rank r, in order; ``recv_counts[r]``: the sizes of those coming from rank
+    r. One all-to-all; returns the received flat tensors per source rank."""
+    in_splits = [sum(t.numel() for t in ts) for ts in send]
+    out_splits = [sum(cs) for cs in recv_counts]
+    flat = [t.reshape(-1).to(dtype) for ts in send for t in ts]
+    send_buf = torch.cat(flat) if flat else torch.empty(0, dtype=dtype, device=device)
+    recv_buf = torch.empty(sum(out_splits), dtype=dtype, device=device)
+    dist.all_to_all_single(recv_buf, send_buf, out_splits, in_splits, group=group)
+    out, start = [], 0
+    for counts in recv_counts:
+        pieces = []
+        for c in counts:
+            pieces.append(recv_buf[start:start + c])
+            start += c
+        out.append(pieces)
+    return out
+
+
+def _block_numel(sharding: Sharding, rank: int) -> int:
+    shape = list(sharding.shape)
+    shape[sharding.tensor_dim] = sharding.sizes()[rank]
+    return math.prod(shape)
+
+
+def owner_compute(blocks: Sequence[Tensor], shardings: Sequence[Sharding],
+                  compute: Any) -> list[Tensor]:
+    """Whole-matrix work on sharded matrices without repeating it: each matrix (its local block
+    ``blocks[i]``, (m_l, n_l)) is gathered to one owner rank (:func:`assign_owners`), which calls
+    ``compute(indices, matrices)`` on the whole (m, n) matrices it owns and returns their results
+    (same shapes); each rank gets back its block of every result. Two all-to-alls in all."""
+    group = shardings[0].group
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    dtype = torch.float64 if any(b.dtype == torch.float64 for b in blocks) else torch.float32
+    device = blocks[0].device
+    owners = assign_owners([math.prod(s.matrix_shape) for s in shardings], world)
+    mine = [i for i, o in enumerate(owners) if o == rank]
+    # the blocks go to their owners
+    send = [[blocks[i] for i in range(len(blocks)) if owners[i] == r] for r in range(world)]
+    recv = _exchange(send, [[_block_numel(shardings[i], r) for i in mine] for r in range(world)], group, dtype, device)
+    whole = []
+    for k, i in enumerate(mine):
+        sh = shardings[i]
+        d, shape = sh.tensor_dim, list(sh.shape)
+        parts = []
+        for r, size in enumerate(sh.sizes()):
+            part_shape = shape[:d] + [size] + shape[d + 1:]
+            parts.append(recv[r][k].view(part_shape))
+        whole.append(torch.cat(parts, dim=d).reshape(sh.matrix_shape))
+    results = compute(mine, whole) if mine else []
+    # each rank's block of each result goes back to it
+    back: list[list[Tensor]] = [[] for _ in range(world)]
+    for r in range(world):
+        for res, i in zip(results, mine):
+            sh = shardings[i]
+            start = sum(sh.sizes()[:r])
+            piece = res.reshape(sh.shape).narrow(sh.tensor_dim, start, sh.sizes()[r])
+            back[r].append(piece)
+    mine_here = [[_block_numel(shardings[i], rank) for i in range(len(blocks)) if owners[i] == r] for r in range(world)]
+    got = _exchange(back, mine_here, group, dtype, device)
+    out: list[Tensor | None] = [None] * len(blocks)
+    for r in range(world):
+        for i, piece in zip([i for i in range(len(blocks)) if owners[i] == r], got[r]):
+            out[i] = piece.view(blocks[i].shape)
+    return out
+
+
+def owner_compute_replicated(matrices: Sequence[Tensor], group: Any, compute: Any) -> list[Tensor]:
+    """The same split for matrices every rank holds whole (DDP replicas): each rank computes the results
+    of the matrices it owns, and one all-gather gives every rank all results."""
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    dtype = torch.float64 if any(m.dtype == torch.float64 for m in matrices) else torch.float32
+    owners = assign_owners([m.numel() for m in matrices], world)
+    mine = [i for i, o in enumerate(owners) if o == rank]
+    results = compute(mine, [matrices[i] for i in mine]) if mine else []
+    counts = [sum(matrices[i].numel() for i in range(len(matrices)) if owners[i] == r) for r in range(world)]
+    send = torch.zeros(max(counts), dtype=dtype, device=matrices[0].device)
+    if results:
+        send[:counts[rank]] = torch.cat([res.reshape(-1).to(dtype) for res in results])
+    gathered = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(gathered, send, group=group)
+    out: list[Tensor | None] = [None] * len(matrices)
+    for r in range(world):
+        start = 0
+        for i in (i for i in range(len(matrices)) if owners[i] == r):
+            out[i] = gathered[r][start:start + matrices[i].numel()].view(matrices[i].shape)
+            start += matrices[i].numel()
+    return out
