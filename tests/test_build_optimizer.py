@@ -267,3 +267,25 @@ def test_transformers_trainer_trains_with_a_built_optimizer(tmp_path):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 8 and losses[-1] < 0.9 * losses[0], losses
     assert opt.optimizers[0].param_groups[0]["lr"] == pytest.approx(3e-3 * (1 - 8 / 20))
+
+
+def test_combined_state_dict_has_torch_layout_and_loads_the_older_one():
+    from multinorm.optim import CombinedOptimizer
+
+    a, b, c = (torch.nn.Parameter(torch.randn(3, 2)) for _ in range(3))
+    def make():
+        return CombinedOptimizer([torch.optim.SGD([a], lr=0.1), torch.optim.AdamW([{"params": [b]}, {"params": [c]}])])
+    opt = make()
+    for p in (a, b, c):
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups"} and [g["params"] for g in sd["param_groups"]] == [[0], [1], [2]]
+    assert set(sd["state"]) == {1, 2}  # SGD without momentum keeps none
+    fresh = make()
+    fresh.load_state_dict(sd)
+    assert torch.equal(fresh.optimizers[1].state[c]["exp_avg"], opt.optimizers[1].state[c]["exp_avg"])
+    older = make()
+    older.load_state_dict({"optimizers": [o.state_dict() for o in opt.optimizers]})
+    assert torch.equal(older.optimizers[1].state[b]["exp_avg"], opt.optimizers[1].state[b]["exp_avg"])
+    assert older.param_groups[1] is older.optimizers[1].param_groups[0]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,9 +13,10 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ..normalize import unit_max_root
+from .distributed import Sharding, local_parts
 
 __all__ = ["StatelessMatrixOptimizer", "check_options", "Check", "is_bool", "is_float_at_least", "is_int_at_least",
-           "is_one_of", "compute_dtype", "prescale_roots", "BATCH_ELEMENTS"]
+           "is_one_of", "compute_dtype", "prescale_roots", "BATCH_ELEMENTS", "ShardedBatch"]
 
 # (option, predicate, requirement): the option is valid when predicate(value) is true; otherwise the error
 # reads "<Owner>: <option> must be <requirement>, got <value!r>".
@@ -87,6 +89,7 @@ class StatelessMatrixOptimizer(Optimizer):
     def __init__(self, params, defaults: dict) -> None:
         self._scratch: dict = {}
         self._scratch_sizes: dict = {}
+        self.replica_group = None
         # torch's constructor adds each group through add_param_group, which checks the defaults too
         super().__init__(params, defaults)
 
@@ -215,7 +218,9 @@ class StatelessMatrixOptimizer(Optimizer):
     def _update_all(self) -> None:
         # Matrices of one group with the same shape, dtype and device are updated as one batch (up to
         # BATCH_ELEMENTS entries), which amortises the per-op cost of many small matrices.
-        batches = []
+        # A DTensor parameter is updated through its local block: replicated ones like plain tensors,
+        # sharded ones by update_sharded, which completes their statistics with collectives.
+        batches, sharded = [], []
         for group in self.param_groups:
             kinds: dict[tuple, list[tuple[Tensor, Tensor]]] = {}
             for p in group["params"]:
@@ -223,9 +228,12 @@ class StatelessMatrixOptimizer(Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                g = p.grad.reshape(p.shape[0], -1)
-                kinds.setdefault((g.shape, g.dtype, g.device), []).append((p, g))
-            for (shape, _, _), items in kinds.items():
+                local, g, sharding = local_parts(p, type(self).__name__)
+                kinds.setdefault((g.shape, g.dtype, g.device, sharding), []).append((local, g))
+            for (shape, _, _, sharding), items in kinds.items():
+                if sharding is not None:
+                    sharded.append(ShardedBatch(group, [p for p, _ in items], [g for _, g in items], sharding))
+                    continue
                 limit = BATCH_ELEMENTS.get(items[0][1].device.type, BATCH_ELEMENTS["default"])
                 per = max(1, limit // shape.numel())
                 batches += [(group, items[i:i + per]) for i in range(0, len(items), per)]
@@ -234,8 +242,44 @@ class StatelessMatrixOptimizer(Optimizer):
             g = items[0][1]
             key = (g.device, compute_dtype(g.dtype))
             self._scratch_sizes[key] = max(self._scratch_sizes.get(key, 0), len(items) * g.numel())
+        if self.replica_group is not None and batches:
+            self.update_replicated(batches)
+        else:
+            for group, items in batches:
+                self.update_batch(group, [p for p, _ in items], [g for _, g in items])
+        if sharded:
+            if len({id(b.sharding.group) for b in sharded}) > 1:
+                raise ValueError(f"{type(self).__name__}: sharded parameters must share one device mesh")
+            self.update_sharded(sharded)
+
+    def split_work_over(self, group: Any) -> None:
+        """Declare the plain (not sharded) parameters replicas on every rank of the process group ``group``
+        with equal gradients, as under DistributedDataParallel: a method whose work is worth splitting
+        (SWAN's whitening) then computes each matrix on one rank and shares the updates (every rank must
+        step together). ``None`` (the default) undoes it."""
+        self.replica_group = group
+
+    def update_replicated(self, batches: list[tuple[dict, list[tuple[Tensor, Tensor]]]]) -> None:
+        """The step of the replicated plain parameters after :meth:`split_work_over`. This default computes
+        every matrix on every rank (right for methods as cheap as the exchange would be)."""
         for group, items in batches:
             self.update_batch(group, [p for p, _ in items], [g for _, g in items])
+
+    def update_sharded(self, batches: list[ShardedBatch]) -> None:
+        """One step for every sharded matrix of the step at once (all ranks call it together), given as
+        batches of same-layout local blocks; a subclass that supports sharded parameters overrides it."""
+        raise NotImplementedError(f"{type(self).__name__} does not support sharded (DTensor) parameters")
+
+
+@dataclass
+class ShardedBatch:
+    """Same-shape local blocks of sharded matrices of one group: the blocks of the parameters (aliases,
+    updated in place), of their gradients as matrices, and their common ``Sharding``."""
+
+    group: dict
+    params: list[Tensor]
+    grads: list[Tensor]
+    sharding: Sharding
 
 
 def prescale_roots(grads: list[Tensor], dtype: torch.dtype) -> Tensor:

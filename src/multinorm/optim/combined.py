@@ -47,9 +47,9 @@ class CombinedOptimizer(Optimizer):
     ``param_groups`` is the concatenation of the children's group dicts -- the same dict objects -- so LR
     schedulers, gradient clipping utilities and anything else that edits ``group["lr"]`` act on the
     children. ``state`` is a read view of the children's states. ``step(closure)`` evaluates the closure
-    once, then steps every child; ``zero_grad`` zeroes all; ``state_dict()`` is
-    ``{"optimizers": [child.state_dict(), ...]}`` and ``load_state_dict`` restores each child (and
-    re-links ``param_groups``). Groups cannot be added to the combination; add them to a child instead.
+    once, then steps every child; ``zero_grad`` zeroes all; ``state_dict()`` merges the children's in
+    torch's layout (so distributed checkpointing sees one optimizer) and ``load_state_dict`` restores each
+    child (and re-links ``param_groups``). Groups cannot be added to the combination; add them to a child instead.
     """
 
     def __init__(self, optimizers: Sequence[Optimizer]):
@@ -91,18 +91,51 @@ class CombinedOptimizer(Optimizer):
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": [opt.state_dict() for opt in self.optimizers]}
+        """The children's state dicts merged into one in torch's own layout (``{"state", "param_groups"}``,
+        parameters numbered in the order of ``param_groups``), so torch.distributed.checkpoint's
+        ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` treat the combination as one optimizer."""
+        state: dict[int, Any] = {}
+        groups: list[dict[str, Any]] = []
+        offset = 0
+        for opt in self.optimizers:
+            child = opt.state_dict()
+            state.update({offset + index: entry for index, entry in child["state"].items()})
+            groups += [{**g, "params": [offset + index for index in g["params"]]} for g in child["param_groups"]]
+            offset += sum(len(g["params"]) for g in child["param_groups"])
+        return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        children = state_dict.get("optimizers") if isinstance(state_dict, Mapping) else None
-        if children is None or len(children) != len(self.optimizers):
-            raise ValueError(
-                f"CombinedOptimizer.load_state_dict expects {{'optimizers': [...]}} with {len(self.optimizers)} entries"
-            )
+        """Restores each child from :meth:`state_dict`'s merged layout (or from the older
+        ``{"optimizers": [child state dicts]}``), and re-links ``param_groups``."""
+        if isinstance(state_dict, Mapping) and "optimizers" in state_dict:
+            children = state_dict["optimizers"]
+            if len(children) != len(self.optimizers):
+                raise ValueError(f"CombinedOptimizer.load_state_dict expects {len(self.optimizers)} optimizers, "
+                                 f"got {len(children)}")
+        else:
+            children = self._split(state_dict)
         for opt, child in zip(self.optimizers, children):
             opt.load_state_dict(child)
         # torch's load_state_dict replaces each child's group dicts; point ours at the new ones
         self._relink()
+
+    def _split(self, state_dict: Mapping[str, Any]) -> list[dict[str, Any]]:
+        if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+            raise ValueError("CombinedOptimizer.load_state_dict expects {'state': ..., 'param_groups': [...]}")
+        groups = list(state_dict["param_groups"])
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"CombinedOptimizer.load_state_dict: {len(groups)} parameter groups given, "
+                             f"{len(self.param_groups)} expected")
+        children, start = [], 0
+        for opt in self.optimizers:
+            mine = groups[start:start + len(opt.param_groups)]
+            start += len(opt.param_groups)
+            # keys stay as given (ints, or names under torch.distributed.checkpoint): torch matches a
+            # group's saved parameters to the current ones by position
+            wanted = {key for g in mine for key in g["params"]}
+            children.append({"state": {key: entry for key, entry in state_dict["state"].items() if key in wanted},
+                             "param_groups": mine})
+        return children
 
     def __getstate__(self) -> dict[str, Any]:  # pickling/deepcopy keep the children
         return self.__dict__.copy()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from ..normalize import NORMALIZERS, multi_normalize
-from .base import Check, StatelessMatrixOptimizer, is_int_at_least
+from .base import Check, ShardedBatch, StatelessMatrixOptimizer, compute_dtype, is_int_at_least
+from .sharded_norms import multi_normalize_sharded
 
 __all__ = ["MNGD"]
 
@@ -67,6 +69,19 @@ class MNGD(StatelessMatrixOptimizer):
         if group["maximize"] and any(callable(norm) for norm in group["norms"]):
             return multi_normalize(grads.neg_(), group["norms"], group["iters"]).neg_()
         return multi_normalize(grads, group["norms"], group["iters"])
+
+    def update_sharded(self, batches: list[ShardedBatch]) -> None:
+        """The same step on the local blocks of sharded matrices (:mod:`multinorm.optim.sharded_norms`):
+        per operator, the sums spanning a split dimension of every matrix go in one all-reduce."""
+        Xs = [torch.stack([g.to(compute_dtype(g.dtype)) for g in b.grads]) for b in batches]
+        negate = [b.group["maximize"] and any(callable(n) for n in b.group["norms"]) for b in batches]
+        for X, neg in zip(Xs, negate):
+            if neg:
+                X.neg_()
+        Ds = multi_normalize_sharded(Xs, [b.sharding for b in batches],
+                                     [list(b.group["norms"]) * b.group["iters"] for b in batches])
+        for b, D, neg in zip(batches, Ds, negate):
+            self.apply_updates(b.group, b.params, list((D.neg_() if neg else D).unbind(0)))
 
 
 def _valid_norms(norms) -> bool:

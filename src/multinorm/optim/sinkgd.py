@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..normalize import DEFAULT_EPS, sinkhorn_square_scalings, sr_sinkhorn
-from .base import (Check, StatelessMatrixOptimizer, compute_dtype, is_float_at_least, is_int_at_least,
-                   prescale_roots)
+from ..normalize import DEFAULT_EPS, sinkhorn_square_scalings, sr_sinkhorn, unit_max_root
+from .base import (Check, ShardedBatch, StatelessMatrixOptimizer, compute_dtype, is_float_at_least,
+                   is_int_at_least, prescale_roots)
+from .distributed import global_abs_max, sinkhorn_square_scalings_sharded
 
 __all__ = ["SinkGD"]
 
@@ -82,6 +83,26 @@ class SinkGD(StatelessMatrixOptimizer):
         # A is spent: it receives Diag(r) G, and Diag(c) is applied with the update of the parameter
         rows = [torch.mul(g, ri, out=a) for g, ri, a in zip(grads, r.unsqueeze(-1).unbind(0), A)]
         self.apply_updates(group, params, rows, factors=list(c.unsqueeze(-2).unbind(0)))
+
+    def update_sharded(self, batches: list[ShardedBatch]) -> None:
+        """The same step on the local blocks of sharded matrices: the prescale takes each matrix's global
+        largest entry (one all-reduce for all matrices), and the Sinkhorn iteration completes its sums
+        over the split dimension with one all-reduce per iteration for all matrices
+        (:func:`multinorm.optim.distributed.sinkhorn_square_scalings_sharded`): ``iters + 2`` collectives
+        per step."""
+        As = [torch.stack([g.to(compute_dtype(g.dtype)) for g in b.grads]) for b in batches]
+        maxima = global_abs_max(As, batches[0].sharding.group)
+        roots = [unit_max_root(mx, A.dtype) for mx, A in zip(maxima, As)]
+        for A, root in zip(As, roots):
+            A.mul_(root.square()[:, None, None]).square_()
+        factors = sinkhorn_square_scalings_sharded(As, [b.sharding for b in batches],
+                                                   [b.group["iters"] for b in batches],
+                                                   [b.group["eps"] for b in batches])
+        for b, A, root, (r, c) in zip(batches, As, roots, factors):
+            r.mul_(root[:, None])
+            c.mul_(root[:, None])
+            rows = [torch.mul(g, ri.unsqueeze(-1), out=a) for g, ri, a in zip(b.grads, r.unbind(0), A)]
+            self.apply_updates(b.group, b.params, rows, factors=list(c.unsqueeze(-2).unbind(0)))
 
     def _update_large(self, group: dict, p: Tensor, g: Tensor, A: Tensor) -> None:
         """The same step for one matrix larger than the CPU caches, with the passes before and after the

@@ -8,8 +8,9 @@ import torch
 from torch import Tensor
 
 from .. import normalize as N
-from .base import (Check, StatelessMatrixOptimizer, check_options, compute_dtype, is_bool, is_float_at_least,
-                   is_int_at_least, is_one_of)
+from .base import (Check, ShardedBatch, StatelessMatrixOptimizer, check_options, compute_dtype, is_bool,
+                   is_float_at_least, is_int_at_least, is_one_of)
+from .distributed import owner_compute, owner_compute_replicated
 
 __all__ = ["SWAN", "swan_direction", "swan_checks", "SWAN_VARIANT_DEFAULTS"]
 
@@ -244,3 +245,40 @@ class SWAN(StatelessMatrixOptimizer):
         # the rescale to entry RMS 1 is applied with the update (a (1, 1) factor per matrix)
         scale = list(_rescale_factor(D).unbind(0)) if group["rescale"] else None
         self.apply_updates(group, params, list(D.unbind(0)), factors=scale)
+
+    # ------------------------------------------------------------------------------------------------------
+    # several ranks: whitening needs whole matrices, so each matrix is computed by one owner rank
+
+    def _directions(self, groups: list[dict], matrices: list[Tensor]) -> list[Tensor]:
+        """The directions of whole gradient matrices, batched by (shape, group)."""
+        out: list[Tensor | None] = [None] * len(matrices)
+        kinds: dict[tuple, list[int]] = {}
+        for k, (group, M) in enumerate(zip(groups, matrices)):
+            kinds.setdefault((tuple(M.shape), id(group)), []).append(k)
+        for ks in kinds.values():
+            X = torch.stack([matrices[k].to(compute_dtype(matrices[k].dtype)) for k in ks])
+            for k, d in zip(ks, self.direction(X, groups[ks[0]]).unbind(0)):
+                out[k] = d
+        return out
+
+    def update_sharded(self, batches: list[ShardedBatch]) -> None:
+        """Each sharded matrix is gathered to one owner rank (largest first, to the least-loaded rank), which
+        computes its direction; the owners send each rank its block back (two all-to-alls per step)."""
+        groups = [b.group for b in batches for _ in b.grads]
+        updates = owner_compute([g for b in batches for g in b.grads], [b.sharding for b in batches for _ in b.grads],
+                                lambda idx, mats: self._directions([groups[i] for i in idx], mats))
+        start = 0
+        for b in batches:
+            self.apply_updates(b.group, b.params, updates[start:start + len(b.params)])
+            start += len(b.params)
+
+    def update_replicated(self, batches) -> None:
+        """Replicas (DDP): each rank computes the directions of the matrices it owns; one all-gather shares them."""
+        groups = [group for group, items in batches for _ in items]
+        grads = [g for _, items in batches for _, g in items]
+        updates = owner_compute_replicated(grads, self.replica_group,
+                                           lambda idx, mats: self._directions([groups[i] for i in idx], mats))
+        start = 0
+        for group, items in batches:
+            self.apply_updates(group, [p for p, _ in items], updates[start:start + len(items)])
+            start += len(items)
