@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=d.dtype, choices=["auto", *DTYPES], help="auto: fp32 on CPU, bf16 on CUDA (as in the papers)")
     p.add_argument("--results-dir", default=d.results_dir, help="parent folder of run folders")
     p.add_argument("--run-id", default=None, help="run folder name (default: model-dataset-optimizer-lr-seed)")
-    p.add_argument("--cache-dir", default=None, help="data cache folder (default: data/ or $MULTINORM_DATA)")
+    p.add_argument("--cache-dir", default=None, help="data cache folder (default: $MULTINORM_DATA or the repository's data/)")
     p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")

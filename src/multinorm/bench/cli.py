@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bandwidth-mib", type=int, default=None,
                    help="size of the tensor that measures memory bandwidth, MiB; keep it well above the last-level "
                         "cache (default 1024; --quick 32)")
-    p.add_argument("--data-dir", default=None, help="data cache for wiki-sample (default: $MULTINORM_DATA or ./data)")
+    p.add_argument("--data-dir", default=None, help="data cache for wiki-sample (default: $MULTINORM_DATA or the repository's data/)")
     p.add_argument("--quick", action="store_true",
                    help="tiny sizes and few rounds, for tests (well under a minute); the numbers measure nothing")
     p.add_argument("--targets-only", action="store_true",

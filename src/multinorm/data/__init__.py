@@ -120,7 +120,7 @@ def load_data(
             or ``{"train": ..., "validation": ...}``; without validation files a
             deterministic 95/5 split by document hash is used.
         tokenizer: a tokenizer object, or a path/name for ``AutoTokenizer``.
-        cache_dir: cache root (default ``$MULTINORM_DATA`` or ``data/``).
+        cache_dir: cache root (default ``$MULTINORM_DATA`` or the repository's ``data/``).
         val_tokens: cap on validation tokens (default 262,144); the first
             ``val_tokens`` tokens (c4: ``val_tokens // seq_len`` documents).
     """

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--val-files", nargs="+", default=None, help="local validation files or globs")
     parser.add_argument("--tokenizer", default=None, help="tokenizer path or name")
     parser.add_argument("--cache-dir", default=None,
-                        help="cache root (default: $MULTINORM_DATA or ./data)")
+                        help="cache root (default: $MULTINORM_DATA or the repository's data/)")
     parser.add_argument("--force", action="store_true", help="rebuild the wiki-sample corpus")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

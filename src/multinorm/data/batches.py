@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from multinorm.data.hashing import sha256_file, sha256_texts
 from multinorm.data.tokenizer import encode_texts, join_with_eos, model_vocab_size, tokenizer_fingerprint, train_tokenizer
 from multinorm.io import atomic_write
+from multinorm.paths import resolve
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +31,9 @@ DEFAULT_VAL_TOKENS = 262_144
 
 
 def default_cache_dir() -> Path:
-    """``$MULTINORM_DATA`` if set, else ``data/`` under the current directory."""
-    return Path(os.environ.get("MULTINORM_DATA", "data"))
+    """``$MULTINORM_DATA`` if set, else ``data/`` in the repository (`multinorm.paths.resolve`), wherever the
+    process runs: a notebook opened in `notebooks/` reads the same cache as `make figures`."""
+    return Path(os.environ["MULTINORM_DATA"]) if "MULTINORM_DATA" in os.environ else resolve("data")
 
 
 def cache_root(cache_dir: str | os.PathLike | None) -> Path:
