@@ -1,6 +1,7 @@
 """The study notebooks: well-formed sources, and every one runs end to end with tiny parameters."""
 
 import json
+import shutil
 from pathlib import Path
 
 import nbformat
@@ -23,6 +24,18 @@ def test_notebook_source_has_one_parameters_cell_and_no_outputs(name):
         assert set(scale[name]) <= declared, f"{name}: unknown parameters {set(scale[name]) - declared}"
 
 
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_path_parameters_are_resolved_from_the_repository_first(name):
+    """Jupyter runs a notebook in `notebooks/`: every path parameter goes through `multinorm.paths.resolve` in the
+    cell after the parameters, before anything reads or writes."""
+    cells = [c for c in nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4).cells if c.cell_type == "code"]
+    first = next(i for i, c in enumerate(cells) if "parameters" in c.metadata.get("tags", []))
+    declared = {line.split("=")[0].strip() for line in cells[first].source.splitlines() if "=" in line}
+    paths = sorted(p for p in declared if p.endswith(("_dir", "_csv")))
+    assert {"results_dir", "figures_dir"} <= set(paths)
+    assert all(f"resolve({p})" in cells[first + 1].source for p in paths), paths
+
+
 def test_notebooks_hold_no_algorithm_code():
     for name in NOTEBOOKS:
         cells = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4).cells
@@ -43,20 +56,45 @@ def test_smoke_groups_cover_every_notebook():
     assert sorted(n for group in SMOKE_GROUPS.values() for n in group) == sorted(NOTEBOOKS)
 
 
+def listing(folder: Path) -> dict[str, int]:
+    """Every file and folder under `folder` with its modification time."""
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*"))}
+
+
+def tables(results: Path) -> dict[str, bytes]:
+    """The studies' CSV tables, README snippets and parameter records (not the runs or executed notebooks)."""
+    return {str(p.relative_to(results)): p.read_bytes() for p in sorted(results.glob("*/*"))
+            if p.parent.name not in ("runs", "notebooks")}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("group", SMOKE_GROUPS)
-def test_smoke_run(group, tmp_path, data_cache_root):
-    """`make smoke`: each notebook executes with tiny parameters and writes its CSVs, README table and figures.
+def test_smoke_run_from_the_notebooks_folder_then_reuse(group, tmp_path, data_cache_root):
+    """`make smoke` with the kernels in `notebooks/`, where Jupyter runs them: each notebook executes with tiny
+    parameters, writes its CSVs, README table and figures to the folders it is given and nothing under
+    `notebooks/`. Run again in reuse mode (`make figures REUSE=1`), it trains and measures nothing, draws every
+    figure again and writes the same tables, byte for byte.
 
     The notebook kernels inherit MULTINORM_DATA from `data_cache_root`, so they read the corpus built once per run."""
     names = SMOKE_GROUPS[group]
-    run_all("smoke", tmp_path / "results", tmp_path / "figures", only=names)
-    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    results, figures = tmp_path / "results", tmp_path / "figures"
+    before = listing(NOTEBOOK_DIR)
+    run_all("smoke", results, figures, only=names, cwd=NOTEBOOK_DIR)
+    assert listing(NOTEBOOK_DIR) == before
+    drawn = {p.name for p in figures.iterdir()}
     for name in names:
         study, stem = STUDY[name]
-        assert list((tmp_path / "results" / study).glob("*.csv")), study
-        assert (tmp_path / "results" / study / f"readme_{study}.md").read_text().strip()
-        assert {f"{stem}.png", f"{stem}.pdf"} <= figures
-        executed = json.loads((tmp_path / "results" / "notebooks" / f"{name}.ipynb").read_text())
+        assert list((results / study).glob("*.csv")), study
+        assert (results / study / f"readme_{study}.md").read_text().strip()
+        assert {f"{stem}.png", f"{stem}.pdf"} <= drawn
+        executed = json.loads((results / "notebooks" / f"{name}.ipynb").read_text())
         errors = [o for c in executed["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
         assert not errors, f"{name}: {errors[0].get('ename')}: {errors[0].get('evalue')}"
+
+    computed, runs = tables(results), listing(results / "runs")
+    shutil.rmtree(figures)
+    run_all("smoke", results, figures, only=names, run_mode="reuse", cwd=NOTEBOOK_DIR)
+    assert listing(results / "runs") == runs  # no run trained, resumed or measured again
+    assert tables(results) == computed
+    assert {p.name for p in figures.iterdir()} == drawn
+    assert listing(NOTEBOOK_DIR) == before

@@ -1,4 +1,9 @@
-"""The study runner's bookkeeping: the timing table behind README's `make figures` duration."""
+"""The study runner's bookkeeping: the timing table behind README's `make figures` duration, where results go, and the
+recorded tables that reuse mode reads back."""
+
+import json
+
+import pytest
 
 from multinorm.studies import _write_timing
 
@@ -50,3 +55,43 @@ def test_default_scale_writes_results_and_readme(monkeypatch):
     assert studies.main(["figures", "--reuse"]) == 0
     assert calls[0][1] == studies.REPO / "results" and calls[0][5] == "reuse"
     assert calls[1] == ("readme", studies.REPO / "results")  # reuse mode records no timing
+
+
+def test_relative_results_and_figures_dirs_are_taken_from_the_current_directory(monkeypatch, tmp_path):
+    import multinorm.studies as studies
+
+    calls = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(studies, "run_all", lambda *args: calls.append(args) or {})
+    assert studies.main(["figures", "--reuse", "--results-dir", "out", "--figures-dir", "figs"]) == 0
+    assert calls[0][1:3] == (tmp_path / "out", tmp_path / "figs")
+
+
+def test_reuse_tables_records_parameters_and_reuses_only_tables_made_with_them(tmp_path, capsys):
+    from multinorm.report import reuse_tables
+
+    params = {"max_iters": 4, "extra_shapes": [(24, 16)]}
+    assert reuse_tables(tmp_path, "reuse", params)  # tables recorded without parameters: read unchecked, with a note
+    assert "without checking" in capsys.readouterr().out
+    assert not reuse_tables(tmp_path, "train", params)
+    assert json.loads((tmp_path / "parameters.json").read_text()) == {"max_iters": 4, "extra_shapes": [[24, 16]]}
+    assert reuse_tables(tmp_path, "reuse", {"extra_shapes": [[24, 16]], "max_iters": 4})
+    with pytest.raises(ValueError, match="max_iters: 4 there, 8 now"):
+        reuse_tables(tmp_path, "reuse", {**params, "max_iters": 8})
+    with pytest.raises(ValueError, match="seed"):
+        reuse_tables(tmp_path, "reuse", {**params, "seed": 1})
+    assert not reuse_tables(tmp_path, "resume", {**params, "max_iters": 8})  # computing again records the new ones
+    assert json.loads((tmp_path / "parameters.json").read_text())["max_iters"] == 8
+
+
+def test_pandas_reads_back_the_floats_it_wrote(tmp_path):
+    """Reuse mode reads the recorded tables with plain `pd.read_csv`: the numbers must be the written ones."""
+    import numpy as np
+    import pandas as pd
+
+    values = np.random.default_rng(0).standard_normal(2000) * np.logspace(-300, 300, 2000)
+    frame = pd.DataFrame({"x": values, "name": "a", "flag": True, "n": np.arange(2000)})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    back = pd.read_csv(tmp_path / "t.csv")
+    assert back.x.to_numpy().tobytes() == values.tobytes()
+    pd.testing.assert_frame_equal(back, frame)

@@ -7,15 +7,16 @@ README sections between `<!-- results:NAME -->` and `<!-- /results:NAME -->` mar
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["set_style", "save_figure", "markdown_table", "replace_section", "update_readme",
+__all__ = ["set_style", "save_figure", "reuse_tables", "markdown_table", "replace_section", "update_readme",
            "METHOD_LABELS", "METHOD_STYLES", "method_label", "method_style", "method_colors"]
 
 METHOD_LABELS = {
@@ -87,6 +88,32 @@ def save_figure(fig, name: str, figures_dir: str | Path = "figures") -> list[Pat
     for path in paths:
         fig.savefig(path, metadata={"CreationDate": None} if path.suffix == ".pdf" else None)
     return paths
+
+
+def reuse_tables(folder: str | Path, run_mode: str, parameters: dict[str, Any]) -> bool:
+    """Whether a study reads its computed tables back from `folder` (`run_mode` "reuse") instead of computing them.
+
+    For the studies whose tables come from computations other than training runs (the fixed-point and memory
+    notebooks): computing them records `parameters` in `folder/parameters.json`; reusing them requires the same
+    parameters, so no text is written about tables computed with other ones. Tables recorded without that file
+    are read unchecked, with a note. (pandas reads back the very floats `to_csv` wrote, so reused tables give the
+    same numbers.)
+    """
+    record = Path(folder) / "parameters.json"
+    parameters = json.loads(json.dumps(parameters))  # as recorded: tuples become lists
+    if run_mode != "reuse":
+        record.write_text(json.dumps(parameters, indent=1, sort_keys=True) + "\n")
+        return False
+    if not record.exists():
+        print(f"note: {record} is missing; the tables in {folder} are reused without checking their parameters")
+        return True
+    recorded = json.loads(record.read_text())
+    changed = sorted(k for k in parameters.keys() | recorded.keys() if parameters.get(k) != recorded.get(k))
+    if changed:
+        raise ValueError(f"reuse: the tables in {folder} were computed with other parameters ("
+                         + ", ".join(f"{k}: {recorded.get(k)!r} there, {parameters.get(k)!r} now" for k in changed)
+                         + "); compute them again (run mode 'train') or run with the recorded parameters")
+    return True
 
 
 def _fmt(value) -> str:

@@ -2,7 +2,7 @@
 
     python -m multinorm.studies figures --scale default   # results/, figures/, README tables
     python -m multinorm.studies figures --resume --jobs 2 # continue an interrupted campaign, 2 runs at a time
-    python -m multinorm.studies figures --reuse           # redraw everything from the finished runs
+    python -m multinorm.studies figures --reuse           # redraw everything from the recorded results, train nothing
     python -m multinorm.studies figures --scale quick     # smaller budgets, into results/quick/, figures/quick/
     python -m multinorm.studies smoke                     # tiny parameters, into a temporary folder
     python -m multinorm.studies figures --only 02_convergence --set device=cuda --set dataset=c4
@@ -11,6 +11,12 @@ Each notebook's `parameters` cell holds its default-scale values; a scale only o
 them. Executed copies go to `<results>/notebooks/`, and the wall time of each notebook (full runs only)
 to `<results>/notebooks/timing.csv`, from which README states how long `make figures` takes. Only the
 default scale, written to `results/`, rewrites README's results sections.
+
+The notebooks resolve their path parameters from the repository root (`multinorm.paths`), so they write to
+the same places whether run from here or opened in Jupyter in `notebooks/` (`make lab`); relative
+`--results-dir` and `--figures-dir` are taken from the current directory. In reuse mode nothing is trained or
+measured: 02 and 04 read their finished runs (`multinorm.sweep`), 01 and 03 the tables they recorded, checked
+against their parameters (`multinorm.report.reuse_tables`).
 """
 
 from __future__ import annotations
@@ -25,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from multinorm.io import parse_assignment
+from multinorm.paths import repo_root
 
 __all__ = ["NOTEBOOKS", "SCALES", "run_notebook", "run_all", "main"]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = repo_root()
 NOTEBOOKS = ("01_fixed_point", "02_convergence", "03_memory_throughput", "04_ablations")
 
 # Per scale, per notebook: overrides of the notebook's own `parameters` cell (which is the default scale).
@@ -80,8 +87,10 @@ def run_notebook(name: str, parameters: dict[str, Any], output_dir: Path, cwd: P
 
 
 def run_all(scale: str, results_dir: Path, figures_dir: Path, only: list[str] | None = None,
-            overrides: dict[str, Any] | None = None, run_mode: str = "train", jobs: int = 1) -> dict[str, float]:
-    """Run the notebooks in order (later ones read earlier ones' CSVs); return seconds per notebook."""
+            overrides: dict[str, Any] | None = None, run_mode: str = "train", jobs: int = 1,
+            cwd: Path = REPO) -> dict[str, float]:
+    """Run the notebooks in order (later ones read earlier ones' CSVs), their kernels in `cwd`; return seconds
+    per notebook."""
     if scale not in SCALES:
         raise SystemExit(f"error: unknown scale {scale!r}; valid scales: {', '.join(SCALES)}")
     names = only or list(NOTEBOOKS)
@@ -93,7 +102,7 @@ def run_all(scale: str, results_dir: Path, figures_dir: Path, only: list[str] | 
         params = {"results_dir": str(results_dir), "figures_dir": str(figures_dir), "run_mode": run_mode,
                   "jobs": jobs, "scale": scale, **SCALES[scale][name], **(overrides or {})}
         print(f"[{time.strftime('%H:%M:%S')}] {name} ({scale}) ...", flush=True)
-        timings[name] = run_notebook(name, params, results_dir / "notebooks")
+        timings[name] = run_notebook(name, params, results_dir / "notebooks", cwd)
         print(f"[{time.strftime('%H:%M:%S')}] {name} done in {timings[name] / 60:.1f} min", flush=True)
     return timings
 
@@ -133,7 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                        help="train only the runs that are missing or unfinished; keep finished runs with the same "
                             "configuration (continues an interrupted campaign)")
     modes.add_argument("--reuse", action="store_true",
-                       help="train nothing: redraw every figure and table from the finished runs in the results folder")
+                       help="train and measure nothing: redraw every figure and table from the finished runs and "
+                            "recorded tables in the results folder")
     fig.add_argument("--jobs", type=int, default=1, help="runs trained in parallel worker processes (threads per "
                                                          "run: cores / jobs)")
     fig.add_argument("--results-dir", default=None,
@@ -161,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     sub_dir = "" if args.scale == "default" else args.scale  # other scales never overwrite the committed ones
-    results_dir = Path(args.results_dir) if args.results_dir else REPO / "results" / sub_dir
-    figures_dir = Path(args.figures_dir) if args.figures_dir else REPO / "figures" / sub_dir
+    results_dir = Path(args.results_dir).absolute() if args.results_dir else REPO / "results" / sub_dir
+    figures_dir = Path(args.figures_dir).absolute() if args.figures_dir else REPO / "figures" / sub_dir
     mode = "resume" if args.resume else "reuse" if args.reuse else "train"
     start = time.perf_counter()
     timings = run_all(args.scale, results_dir, figures_dir, args.only, dict(args.set), mode, args.jobs)
