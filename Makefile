@@ -8,16 +8,20 @@ JOBS   ?= 1
 TEST_WORKERS ?= auto
 RESUME ?=
 REUSE  ?=
-FIGURE_FLAGS := --scale $(SCALE) --jobs $(JOBS) $(if $(RESUME),--resume) $(if $(REUSE),--reuse)
+ARGS   ?=
+FIGURE_FLAGS := --scale $(SCALE) --jobs $(JOBS) $(if $(RESUME),--resume) $(if $(REUSE),--reuse) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test smoke figures bench data demo clean
+.PHONY: help setup test smoke figures lab bench data demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
-	@echo "  variables: SCALE=default|quick, JOBS=N (parallel runs), RESUME=1 (train only missing or unfinished runs),"
-	@echo "             REUSE=1 (train nothing, redraw from results/runs) for figures; TEST_WORKERS=auto|N (pytest-xdist);"
-	@echo "             PYTHON=python3 (venv interpreter)"
+	@echo "  figures variables: SCALE=default|quick (quick: into results/quick/, figures/quick/), JOBS=N (runs trained"
+	@echo "    in parallel), RESUME=1 (train only missing or unfinished runs), REUSE=1 (train and measure nothing: redraw"
+	@echo "    every figure and README section from the recorded results), ARGS='...' (more options of"
+	@echo "    python -m multinorm.studies figures: --only NOTEBOOK..., --set KEY=VALUE (a notebook parameter),"
+	@echo "    --results-dir DIR, --figures-dir DIR, --no-readme (leave README alone); see its --help)"
+	@echo "  other variables: TEST_WORKERS=auto|N (pytest-xdist), PYTHON=python3 (venv interpreter)"
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +43,9 @@ smoke: $(STAMP) ## run every notebook with tiny parameters into a temporary fold
 
 figures: $(STAMP) ## re-run every study notebook and regenerate figures/ and README tables (see variables)
 	$(PY) -m multinorm.studies figures $(FIGURE_FLAGS)
+
+lab: $(STAMP) ## open JupyterLab on notebooks/ (the notebooks write where make figures does)
+	$(PY) -m jupyter lab --notebook-dir=notebooks
 
 bench: $(STAMP) ## benchmark: optimizer steps vs AdamW, compute/bandwidth floors, nano training -> results/bench/
 	$(PY) -m multinorm.bench --out results/bench
