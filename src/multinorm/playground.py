@@ -37,6 +37,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from multinorm.optim import OPTIMIZERS
+from multinorm.paths import repo_root
+from multinorm.paths import resolve as repo_path  # `path` if absolute, else under the repository root
 from multinorm.report import method_label
 from multinorm.sweep import config_key, load_curves, run_grid, run_id
 from multinorm.train import TrainConfig
@@ -44,17 +46,11 @@ from multinorm.train import TrainConfig
 __all__ = ["REPO", "RUNS_DIR", "CURVES_CSV", "FINAL_RUNS_CSV", "repo_path", "Settings", "tuned_run", "reference_curve",
            "BackgroundRun", "LossPlot", "run_figure", "describe", "Playground", "lr_sweep", "sweep_figure"]
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = repo_root()
 RUNS_DIR = "results/runs/playground"
 CURVES_CSV = "results/convergence/curves.csv"          # mean validation curve per method, over seeds
 FINAL_RUNS_CSV = "results/convergence/final_runs.csv"  # the reported runs, with their lr and hyper-parameters
 MODELS = ("nano", "micro")                             # the CPU-sized models
-
-
-def repo_path(path: str | Path) -> Path:
-    """`path` itself if absolute, else the same path under the repository root."""
-    path = Path(path)
-    return path if path.is_absolute() else REPO / path
 
 
 @dataclass
