@@ -45,7 +45,7 @@ figures: $(STAMP) ## re-run every study notebook and regenerate figures/ and REA
 	$(PY) -m multinorm.studies figures $(FIGURE_FLAGS)
 
 lab: $(STAMP) ## open JupyterLab on notebooks/ (the notebooks write where make figures does)
-	$(PY) -m jupyter lab --notebook-dir=notebooks
+	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
 
 bench: $(STAMP) ## benchmark: optimizer steps vs AdamW, compute/bandwidth floors, nano training -> results/bench/
 	$(PY) -m multinorm.bench --out results/bench
