@@ -28,6 +28,8 @@ METHOD_LABELS = {
     "adamw-split": "AdamW (split lr)",
     # A control: AdamW on embeddings/head/norms only, hidden matrices at lr 0.
     "frozen-hidden": "hidden frozen (control)",
+    # The fully stateless reading of SWAN-0 (memory accounting only; not an optimizer of the registry).
+    "swan-0": "SWAN-0 (fully stateless)",
 }
 
 
@@ -49,6 +51,7 @@ METHOD_STYLES: dict[str, dict[str, str]] = {
     "apollo": {"color": "#17becf", "marker": "h", "ls": "-"},
     "apollo-mini": {"color": "#5e3c99", "marker": "p", "ls": "-"},
     "fira": {"color": "#c51b7d", "marker": "*", "ls": "-"},
+    "swan-0": {"color": "#a6761d", "marker": "d", "ls": "-"},
 }
 _UNKNOWN_STYLE = {"color": "#000000", "marker": ".", "ls": ":"}
 
