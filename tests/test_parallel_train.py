@@ -97,7 +97,9 @@ def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, reference, sign
     assert train(cfg).status == "interrupted"
     resumed = torchrun([*cli_args(cfg), "--resume"])  # DDP: the default with several processes
     assert resumed.returncode == 0, resumed.stderr
-    assert_matches(read_metrics(Path(cfg.results_dir) / "grow"), reference)
+    run_dir = Path(cfg.results_dir) / "grow"
+    assert_matches(read_metrics(run_dir), reference)
+    assert (run_dir / "checkpoint.dcp").exists() and not (run_dir / "checkpoint.pt").exists()  # the newer kept
 
 
 def test_parallel_modes_need_torchrun(capsys, monkeypatch):
