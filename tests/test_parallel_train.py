@@ -140,3 +140,38 @@ def test_one_process_never_starts_a_process_group(tmp_path, monkeypatch):
     assert train(cfg).status == "completed"
     assert not started and not dist.is_initialized()
     assert (Path(cfg.results_dir) / "single" / "checkpoint.pt").exists()
+
+
+class Killed(BaseException):
+    """Stands for the process dying: nothing in the trainer catches it."""
+
+
+def test_a_kill_while_a_distributed_checkpoint_is_swapped_in_leaves_the_previous_one(tmp_path, monkeypatch):
+    import torch
+
+    from multinorm import distributed_checkpoint
+    from multinorm.parallel import Parallel
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters())
+    distributed_checkpoint.save(tmp_path, model, optimizer, {"step": 1}, Parallel())
+    real_replace, moves = os.replace, []
+
+    def dying_replace(src, dst):
+        moves.append(Path(dst).name)
+        if Path(src).name == "checkpoint.dcp.tmp":  # the new checkpoint's rename into place
+            raise Killed
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(Killed):
+        distributed_checkpoint.save(tmp_path, model, optimizer, {"step": 2}, Parallel())
+    monkeypatch.undo()
+    assert moves[-2:] == ["checkpoint.dcp.old", "checkpoint.dcp"]  # killed between the two renames
+    folder = distributed_checkpoint.find(tmp_path)
+    assert folder.name == "checkpoint.dcp.old" and distributed_checkpoint.read_trainer_state(folder)["step"] == 1
+    before = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.zero_()
+    distributed_checkpoint.load(folder, model, optimizer)
+    assert torch.equal(model.weight, before)

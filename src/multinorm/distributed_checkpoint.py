@@ -64,7 +64,8 @@ def save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer, trai
     final, tmp, old = _paths(run_dir)
     par.on_main(lambda: shutil.rmtree(tmp, ignore_errors=True))  # left by a write that was killed
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=tmp,
+             no_dist=not torch.distributed.is_initialized())
 
     def commit() -> None:  # rank 0, once every rank has written its part
         atomic_write(tmp / TRAINER_STATE, lambda f: torch.save(trainer_state, f))
