@@ -38,8 +38,10 @@ __all__ = ["MODES", "MissingRunsError", "config_key", "run_id", "run_one", "run_
            "best_lr"]
 
 MODES = ("train", "resume", "reuse")
-# Settings that change how or where a run is kept, not what it computes.
-_BOOKKEEPING = {"save_checkpoint", "checkpoint_interval", "progress", "results_dir", "run_id", "cache_dir"}
+# Settings that change how or where a run is kept, not what it computes (the process layout computes the
+# same steps up to rounding).
+_BOOKKEEPING = {"save_checkpoint", "checkpoint_interval", "progress", "results_dir", "run_id", "cache_dir",
+                "parallel"}
 # A run that ended with one of these is a result; an interrupted one is not.
 _FINISHED = {"completed", "diverged"}
 # Study runs checkpoint this many times, so an interrupted campaign loses at most a quarter of a run.

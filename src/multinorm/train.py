@@ -7,6 +7,7 @@ One run = one folder `results/runs/<run-id>/`:
                      tokens_per_s, wall_s, optimizer_state_bytes, peak_memory_bytes
     summary.json     final status ("completed" / "diverged" / "interrupted"), final validation loss/ppl, throughput
     checkpoint.pt    model + optimizer + scheduler + step (git-ignored), for `--resume`
+    checkpoint.dcp/  the same, written by a run on several processes (`multinorm.distributed_checkpoint`)
 
 Schedule (the GaLore benchmark's): linear warm-up from 0 over the first 10 % of steps, then cosine
 decay to 10 % of the peak learning rate (transformers' cosine-with-min-lr schedule).
@@ -16,6 +17,14 @@ the summary says "interrupted", and the CLI exits with 128 + the signal number (
 signal aborts at once; the last checkpoint is still intact, as every checkpoint is written atomically.
 On CPU a resumed run reproduces the uninterrupted run's metrics exactly: batches are a pure function
 of (seed, step), and the checkpoint holds all state.
+
+Several processes (`torchrun --nproc-per-node N -m multinorm.train ... --parallel ddp|fsdp`, see
+`multinorm.parallel`): `--batch-size` stays the sequences per optimizer step over all ranks, each rank
+taking an equal share of every step's batch, so an N-rank run trains on the batches of the 1-process run.
+Every micro-batch's mean loss weighs the same (as with gradient accumulation), so the N-rank step equals
+the 1-process step with N times the gradient-accumulation micro-batches -- and the 1-process step with the
+same flags when every sequence has the same number of predicted tokens (packed data: wiki-sample, local).
+Rank 0 alone writes the run record; validation is split across the ranks and summed.
 """
 
 from __future__ import annotations
@@ -43,10 +52,12 @@ from tqdm.auto import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from multinorm import __version__
+from multinorm import distributed_checkpoint
 from multinorm.data import DATASETS, load_data
 from multinorm.io import atomic_write, parse_assignment
 from multinorm.llama import MODEL_CONFIGS, build_model, count_parameters
 from multinorm.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
+from multinorm.parallel import MODES, Parallel, launch_rank
 
 __all__ = ["TrainConfig", "RunResult", "ConfigError", "train", "build_scheduler", "evaluate", "load_checkpoint",
            "read_metrics", "main"]
@@ -89,6 +100,7 @@ class TrainConfig:
     run_id: str | None = None
     cache_dir: str | None = None
     progress: bool = True
+    parallel: str | None = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -137,6 +149,8 @@ class TrainConfig:
             raise ConfigError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {self.dtype!r}")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
+        if self.parallel is not None and self.parallel not in MODES:
+            raise ConfigError(f"unknown parallel mode {self.parallel!r}; valid: {', '.join(MODES)}")
 
 
 def _finite_nonnegative(x: Any) -> bool:
@@ -191,16 +205,29 @@ def _peak_memory_bytes(device: torch.device) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data, batch_size: int, device: torch.device, mode: str = "exact") -> float:
+def evaluate(model: torch.nn.Module, data, batch_size: int, device: torch.device, mode: str = "exact",
+             parallel: Parallel | None = None) -> float:
     """Mean validation loss per predicted token on the fixed validation set.
 
     `mode="galore_compat"` reproduces the GaLore evaluator's quirk (docs/benchmark.md#the-galore-evaluator-quirk): the mean of
     per-batch mean losses divided by n + 1 for n batches, which biases the perplexity low.
+    With `parallel` (several ranks) rank r evaluates batches r, r + N, ... and the sums are added up over
+    the ranks: the same batches and the same result as one process. Under FSDP2 a forward pass is a
+    collective, so a rank left without a batch in the last round runs one more forward and ignores it.
     """
+    par = parallel or Parallel()
     was_training = model.training
     model.eval()
     total_loss, total_count, batch_losses = 0.0, 0, []
-    for input_ids, labels in data.val_batches(batch_size):
+    batches = data.val_batches(batch_size)
+    if par.distributed:
+        batches = list(batches)
+        rounds = -(-len(batches) // par.world)
+        spare = batches[:1] * (rounds - len(batches[par.rank::par.world])) if par.mode == "fsdp" else []
+        for input_ids, _ in spare:
+            model(input_ids=input_ids.to(device))
+        batches = batches[par.rank::par.world]
+    for input_ids, labels in batches:
         input_ids, labels = input_ids.to(device), labels.to(device)
         loss = model(input_ids=input_ids, labels=labels).loss.float().item()
         count = int((labels[:, 1:] != -100).sum())
@@ -208,10 +235,13 @@ def evaluate(model: torch.nn.Module, data, batch_size: int, device: torch.device
         total_count += count
         batch_losses.append(loss)
     model.train(was_training)
+    batch_sum, n_batches = sum(batch_losses), len(batch_losses)
+    if par.distributed:
+        total_loss, total_count, batch_sum, n_batches = par.sum([total_loss, total_count, batch_sum, n_batches])
     if total_count == 0:
         raise ValueError("the validation set is empty")
     if mode == "galore_compat":
-        return sum(batch_losses) / (len(batch_losses) + 1)
+        return batch_sum / (n_batches + 1)
     return total_loss / total_count
 
 
@@ -275,6 +305,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
                               f"--overwrite to replace it, or choose another --run-id")
         for name in ("metrics.jsonl", "summary.json", "checkpoint.pt", "checkpoint.pt.tmp"):
             (run_dir / name).unlink(missing_ok=True)
+        distributed_checkpoint.remove(run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / ".write-test"
@@ -291,7 +322,8 @@ def _config_dict(cfg: TrainConfig) -> dict[str, Any]:
 
 
 # Settings a resumed run may change: they decide how and where the run is kept, not what it computes.
-_RESUMABLE_CHANGES = {"checkpoint_interval", "save_checkpoint", "results_dir", "run_id", "cache_dir"}
+# The number of processes and their layout may change too: checkpoints reshard.
+_RESUMABLE_CHANGES = {"checkpoint_interval", "save_checkpoint", "results_dir", "run_id", "cache_dir", "parallel"}
 
 
 def _check_resume_config(cfg: TrainConfig, run_dir: Path) -> None:
@@ -347,34 +379,84 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     A NaN/Inf loss ends the run with status "diverged"; everything logged up to then is kept. SIGINT or
     SIGTERM ends it with status "interrupted" after the current step and a checkpoint (if enabled); the
     summary then names the signal (`summary["signal"]`, e.g. "SIGTERM").
+    Under torchrun every rank calls it (see the module docstring); it joins the process group and leaves
+    it on return. A signal received by any rank stops all of them after the same step.
     """
     cfg.validate()
+    try:
+        par = Parallel.plan(cfg.parallel, cfg.device)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if par.world > 1 and cfg.batch_size % (par.world * cfg.grad_accum):
+        raise ConfigError(f"batch_size ({cfg.batch_size}) must be a multiple of processes x grad_accum "
+                          f"({par.world} x {cfg.grad_accum}): each rank takes an equal share of every step's batch")
+    par.start()
+    try:
+        return _train(cfg, par, resume, overwrite)
+    finally:
+        par.stop()
+
+
+def _read_checkpoint(run_dir: Path) -> tuple[dict[str, Any], Path | None]:
+    """The run's newest checkpoint: (its contents -- for a distributed checkpoint, the trainer state only --,
+    the distributed checkpoint's folder or None). ConfigError if there is none or it cannot be read."""
+    single = run_dir / "checkpoint.pt"
+    folder = distributed_checkpoint.find(run_dir)
+    try:
+        if folder is None:
+            return load_checkpoint(single), None
+        try:
+            state = distributed_checkpoint.read_trainer_state(folder)
+        except Exception as exc:  # torch raises many kinds on a damaged file
+            raise ConfigError(f"checkpoint {folder} cannot be loaded ({_one_line(exc)})") from None
+        if single.exists():  # both formats: the process stopped between writing one and deleting the other
+            ckpt = load_checkpoint(single)
+            if ckpt["step"] > state["step"]:
+                return ckpt, None
+        return state, folder
+    except ConfigError as exc:
+        raise ConfigError(f"cannot resume: {exc}") from None
+
+
+def _restore(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any], folder: Path | None,
+             par: Parallel) -> None:
+    """Model and optimizer state from a checkpoint of any layout into this one."""
+    if folder is not None:
+        distributed_checkpoint.load(folder, model, optimizer)
+    elif par.distributed:
+        distributed_checkpoint.load_full(model, optimizer, ckpt)
+    else:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+
+
+def _train(cfg: TrainConfig, par: Parallel, resume: bool, overwrite: bool) -> RunResult:
     run_dir = Path(cfg.results_dir) / (cfg.run_id or cfg.default_run_id())
     if resume:
         _check_resume_config(cfg, run_dir)
-    _prepare_run_dir(run_dir, resume, overwrite)
+    par.on_main(lambda: _prepare_run_dir(run_dir, resume, overwrite))
     metrics_path, ckpt_path = run_dir / "metrics.jsonl", run_dir / "checkpoint.pt"
-    ckpt = None
+    ckpt, ckpt_folder = None, None
     if resume:  # a missing or damaged checkpoint fails before any work
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except ConfigError as exc:
-            raise ConfigError(f"cannot resume: {exc}") from None
+        ckpt, ckpt_folder = _read_checkpoint(run_dir)
 
-    device = torch.device(cfg.device)
+    device = par.device
     dtype = DTYPES[cfg.resolved_dtype()]
-    try:
-        data = load_data(cfg.dataset, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=cfg.seed,
-                         data_files=cfg.data_files, cache_dir=cfg.cache_dir, val_tokens=cfg.eval_tokens)
+    try:  # rank 0 first: it builds a missing data cache, which the other ranks then read
+        data = par.main_first(lambda: load_data(
+            cfg.dataset, seq_len=cfg.seq_len, vocab_size=cfg.vocab_size, seed=cfg.seed, data_files=cfg.data_files,
+            cache_dir=cfg.cache_dir, val_tokens=cfg.eval_tokens))
     except (ValueError, OSError, RuntimeError) as exc:  # bad files, checksum, failed download
         raise ConfigError(f"dataset {cfg.dataset!r}: {exc}") from None
     model = build_model(cfg.model, data.vocab_size, seed=cfg.seed, device=device, dtype=dtype)
     model.train()
     params = count_parameters(model)
+    model = par.wrap(model)
     try:
-        optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, **cfg.hparams)
+        optimizer = build_optimizer(par.unwrap(model), cfg.optimizer, cfg.lr, **cfg.hparams)
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
+    par.prepare_optimizer(optimizer)
     steps = cfg.steps
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_frac, cfg.min_lr_ratio)
 
@@ -384,17 +466,17 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
     window_loss, window_n = 0.0, 0
     if ckpt is not None:
         try:
-            model.load_state_dict(ckpt["model"])
-            optimizer.load_state_dict(ckpt["optimizer"])
+            _restore(model, optimizer, ckpt, ckpt_folder, par)
         except (RuntimeError, ValueError, KeyError) as exc:
-            raise ConfigError(f"cannot resume: checkpoint {ckpt_path} does not fit this model and optimizer "
+            where = ckpt_folder or ckpt_path
+            raise ConfigError(f"cannot resume: checkpoint {where} does not fit this model and optimizer "
                               f"({_one_line(exc)})") from None
         scheduler.load_state_dict(ckpt["scheduler"])
         start_step, tokens_seen, wall_offset = ckpt["step"], ckpt.get("tokens", 0), ckpt.get("wall_s", 0.0)
         window_loss, window_n = ckpt.get("train_loss_window", (0.0, 0))
         # Drop lines logged after the checkpoint: they are about to be recomputed.
         kept = [m for m in read_metrics(run_dir) if m["step"] <= start_step]
-        atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in kept))
+        par.on_main(lambda: atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in kept)))
     else:
         record = {
             "config": _config_dict(cfg),
@@ -403,15 +485,23 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
             "torch_version": torch.__version__, "python": sys.version.split()[0],
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch_threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"parallel": par.mode, "processes": par.world} if par.distributed else {}),
         }
-        (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
-        metrics_path.write_text("")
+
+        def write_record() -> None:
+            (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")
+            metrics_path.write_text("")
+
+        par.on_main(write_record)
 
     def log(entry: dict[str, Any]) -> None:
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if par.is_main:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def write_summary(status: str, message: str | None = None, **extra: Any) -> dict[str, Any]:
+        if not par.is_main:  # rank 0 keeps the record; the others only report how the run ended
+            return {"status": status, "message": message, "steps_done": step, "steps": steps, **extra}
         rows = read_metrics(run_dir)
         evals = [r for r in rows if r.get("val_loss") is not None]
         rates = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
@@ -431,17 +521,25 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         return summary
 
     def save_checkpoint() -> None:
-        _save_checkpoint(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "tokens": tokens_seen, "wall_s": train_time, "train_loss_window": (window_loss, window_n)})
+        state = {"scheduler": scheduler.state_dict(), "step": step, "tokens": tokens_seen, "wall_s": train_time,
+                 "train_loss_window": (window_loss, window_n)}
+        if par.distributed:
+            distributed_checkpoint.save(run_dir, model, optimizer, state, par)
+            par.on_main(lambda: ckpt_path.unlink(missing_ok=True))  # an older one, from one process
+        else:
+            _save_checkpoint(ckpt_path, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), **state})
+            distributed_checkpoint.remove(run_dir)  # an older one, from several processes
 
-    micro_bs = cfg.batch_size // cfg.grad_accum
+    def validation_loss() -> float:
+        return evaluate(par.unwrap(model), data, cfg.eval_batch_size, device, cfg.eval_mode, parallel=par)
+
+    micro_bs = cfg.batch_size // (cfg.grad_accum * par.world)
     step = start_step
     train_time = wall_offset
-    with _StopOnSignal() as stop, tqdm(total=steps, initial=start_step, disable=not cfg.progress, unit="step",
-                                       desc=f"{cfg.optimizer} lr={cfg.lr:g}", dynamic_ncols=True) as bar:
+    with _StopOnSignal() as stop, tqdm(total=steps, initial=start_step, disable=not (cfg.progress and par.is_main),
+                                       unit="step", desc=f"{cfg.optimizer} lr={cfg.lr:g}", dynamic_ncols=True) as bar:
         if step == 0:
-            val_loss = evaluate(model, data, cfg.eval_batch_size, device, cfg.eval_mode)
+            val_loss = validation_loss()
             log({"step": 0, "tokens": 0, "train_loss": None, "val_loss": val_loss, "val_ppl": math.exp(val_loss),
                  "lr": optimizer.param_groups[0]["lr"], "tokens_per_s": None, "wall_s": 0.0,
                  "optimizer_state_bytes": optimizer_state_bytes(optimizer),
@@ -451,11 +549,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
         while step < steps:
             t0 = time.perf_counter()
             input_ids, labels = data.train_batch(step, cfg.batch_size)
+            chunks = list(zip(par.rows(input_ids).split(micro_bs), par.rows(labels).split(micro_bs)))
             step_loss = 0.0
-            for chunk_ids, chunk_labels in zip(input_ids.split(micro_bs), labels.split(micro_bs)):
-                loss = model(input_ids=chunk_ids.to(device), labels=chunk_labels.to(device)).loss
-                (loss / cfg.grad_accum).backward()
+            for i, (chunk_ids, chunk_labels) in enumerate(chunks):
+                with par.accumulating(model, last=i == len(chunks) - 1):
+                    loss = model(input_ids=chunk_ids.to(device), labels=chunk_labels.to(device)).loss
+                    (loss / cfg.grad_accum).backward()
                 step_loss += loss.detach().float().item() / cfg.grad_accum
+            # every rank takes the same decisions: on the mean loss, and on a signal any rank received
+            step_loss, signum = par.agree(step_loss, stop.signum)
             if not math.isfinite(step_loss):
                 message = (f"training loss became {step_loss} at step {step + 1}; run stopped "
                            f"(lr {cfg.lr:g} is likely too high)")
@@ -464,7 +566,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                      "wall_s": train_time, "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                      "peak_memory_bytes": _peak_memory_bytes(device)})
                 summary = write_summary("diverged", message)
-                tqdm.write(f"error: {message}", file=sys.stderr)
+                if par.is_main:
+                    tqdm.write(f"error: {message}", file=sys.stderr)
                 return RunResult(run_dir, summary)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -480,7 +583,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
 
             is_eval = step % cfg.eval_interval == 0 or step == steps
             if step % cfg.log_interval == 0 or is_eval:
-                val_loss = evaluate(model, data, cfg.eval_batch_size, device, cfg.eval_mode) if is_eval else None
+                val_loss = validation_loss() if is_eval else None
                 rate = window_tokens / window_time if window_time > 0 else None
                 log({"step": step, "tokens": tokens_seen, "train_loss": window_loss / window_n, "val_loss": val_loss,
                      "val_ppl": math.exp(val_loss) if val_loss is not None else None, "lr": lr_now,
@@ -489,12 +592,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False) ->
                      "peak_memory_bytes": _peak_memory_bytes(device)})
                 bar.set_postfix(loss=f"{window_loss / window_n:.3f}", tok_s=f"{rate:,.0f}" if rate else "-")
                 window_loss, window_n, window_tokens, window_time = 0.0, 0, 0, 0.0
-            interrupted = stop.signum is not None and step < steps
+            interrupted = signum is not None and step < steps
             periodic = cfg.checkpoint_interval and step % cfg.checkpoint_interval == 0
             if cfg.save_checkpoint and (periodic or step == steps or interrupted):
                 save_checkpoint()
             if interrupted:
-                name = signal.Signals(stop.signum).name
+                name = signal.Signals(signum).name
                 kept = "checkpoint saved; resume to continue" if cfg.save_checkpoint else \
                     "no checkpoint (checkpoints are off), so it cannot be resumed"
                 message = f"interrupted by {name} after step {step} of {steps}; {kept}"
@@ -538,6 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run from its checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--parallel", default=None, choices=MODES,
+                   help="under torchrun: ddp (a replica per rank; the default with several processes) or fsdp "
+                        "(FSDP2: parameters sharded per decoder block); --batch-size stays the global batch")
     return p
 
 
@@ -552,29 +658,33 @@ def main(argv: list[str] | None = None) -> int:
         eval_batch_size=args.eval_batch_size, eval_mode=args.eval_mode, log_interval=args.log_interval,
         checkpoint_interval=args.checkpoint_interval, save_checkpoint=not args.no_checkpoint, seed=args.seed,
         device=args.device, dtype=args.dtype, results_dir=args.results_dir, run_id=args.run_id,
-        cache_dir=args.cache_dir, progress=not args.no_progress)
+        cache_dir=args.cache_dir, progress=not args.no_progress, parallel=args.parallel)
+    # Under torchrun every rank runs this; rank 0 alone reports.
+    say = print if launch_rank() == 0 else (lambda *a, **k: None)
     try:
         result = train(cfg, resume=args.resume, overwrite=args.overwrite)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second one while stopping
-        print("error: aborted; if the run folder holds a checkpoint, continue with --resume", file=sys.stderr)
+        say("error: aborted; if the run folder holds a checkpoint, continue with --resume", file=sys.stderr)
         return 128 + signal.SIGINT
     s = result.summary
     if s["status"] == "interrupted":
         if cfg.save_checkpoint:
             again = [a for a in argv if a != "--overwrite"] + ([] if args.resume else ["--resume"])
-            hint = f"continue with: python -m multinorm.train {shlex.join(again)}"
+            launcher = "torchrun <the same options>" if "WORLD_SIZE" in os.environ else "python"
+            hint = f"continue with: {launcher} -m multinorm.train {shlex.join(again)}"
         else:
             hint = "the run kept no checkpoint (--no-checkpoint) and cannot be resumed"
-        print(f"interrupted by {s['signal']} after step {s['steps_done']} of {s['steps']}; {hint}", file=sys.stderr)
+        say(f"interrupted by {s['signal']} after step {s['steps_done']} of {s['steps']}; {hint}", file=sys.stderr)
         return 128 + signal.Signals[s["signal"]]
     if s["status"] != "completed":
-        print(f"error: {s['message']} (record kept in {result.run_dir})", file=sys.stderr)
+        say(f"error: {s['message']} (record kept in {result.run_dir})", file=sys.stderr)
         return 1
-    print(f"done: {result.run_dir}  final val loss {s['final_val_loss']:.4f}  ppl {s['final_val_ppl']:.2f}  "
-          f"{s['tokens_per_s']:,.0f} tokens/s")
+    if launch_rank() == 0:
+        print(f"done: {result.run_dir}  final val loss {s['final_val_loss']:.4f}  ppl {s['final_val_ppl']:.2f}  "
+              f"{s['tokens_per_s']:,.0f} tokens/s")
     return 0
 
 
