@@ -21,11 +21,12 @@ def test_lab_url_opens_the_notebook_with_the_token():
 
 
 def test_lab_command_is_local_headless_and_root_only_when_asked(tmp_path):
-    command = lab_command(8890, tmp_path, tmp_path / "s", tmp_path / "w", as_root=False)
+    command = lab_command(8890, tmp_path / "notebooks", tmp_path, as_root=False)
     assert command[:4] == [sys.executable, "-m", "jupyter", "lab"]
-    assert {"--no-browser", "--ip=127.0.0.1", "--port=8890", f"--ServerApp.root_dir={tmp_path}"} <= set(command)
+    assert {"--no-browser", "--ip=127.0.0.1", "--port=8890", f"--ServerApp.root_dir={tmp_path / 'notebooks'}",
+            f"--FileCheckpoints.checkpoint_dir={tmp_path / 'checkpoints'}"} <= set(command)
     assert "--allow-root" not in command
-    assert "--allow-root" in lab_command(8890, tmp_path, tmp_path / "s", tmp_path / "w", as_root=True)
+    assert "--allow-root" in lab_command(8890, tmp_path / "notebooks", tmp_path, as_root=True)
     assert not any("token" in arg.lower() for arg in command)  # passed in the environment
 
 

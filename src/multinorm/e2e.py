@@ -8,8 +8,8 @@ in the page, where a frontend/extension mismatch shows the widget's text fallbac
     5. save a screenshot of the trained curve (`--out`).
 
 The run is bounded by `--timeout`, and the browser, the kernels and the server are stopped in every case. JupyterLab
-runs with its own settings (notebook autosave off, every cell attached to the page, no news) and workspace in a
-temporary folder, so it neither writes to the notebook nor reads a user's layout. `window.jupyterapp`
+keeps its settings (notebook autosave off, every cell attached to the page, no news), workspace and checkpoints in
+a temporary folder, so it neither writes to `notebooks/` nor reads a user's layout. `window.jupyterapp`
 (`--expose-app-in-browser`) is the handle for opening the notebook and running its cells: the commands JupyterLab's
 menus call. On failure the exit status is 1, the reason is one line on stderr, and the temporary folder (server
 log, last screenshot) is kept for inspection.
@@ -116,12 +116,13 @@ def lab_url(port: int, token: str, notebook: str = NOTEBOOK, host: str = "127.0.
     return f"http://{host}:{port}/lab/tree/{path}?{urllib.parse.urlencode({'token': token})}"
 
 
-def lab_command(port: int, root: Path, settings_dir: Path, workspaces_dir: Path, as_root: bool) -> list[str]:
-    """`jupyter lab` on 127.0.0.1:`port`, serving `root`, with the given settings and workspaces folders (the
-    token is passed in the environment, as JUPYTER_TOKEN, to keep it out of the process list)."""
+def lab_command(port: int, root: Path, workdir: Path, as_root: bool) -> list[str]:
+    """`jupyter lab` on 127.0.0.1:`port`, serving `root`, with its settings, workspaces and checkpoints in
+    `workdir` (the token is passed in the environment, as JUPYTER_TOKEN, to keep it out of the process list)."""
     return [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip=127.0.0.1", f"--port={port}",
             "--ServerApp.port_retries=0", f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True",
-            f"--LabApp.user_settings_dir={settings_dir}", f"--LabApp.workspaces_dir={workspaces_dir}",
+            f"--LabApp.user_settings_dir={workdir / 'settings'}", f"--LabApp.workspaces_dir={workdir / 'workspaces'}",
+            f"--FileCheckpoints.checkpoint_dir={workdir / 'checkpoints'}",  # absolute: not notebooks/.ipynb_checkpoints
             *(["--allow-root"] if as_root else [])]
 
 
@@ -138,16 +139,15 @@ class Lab:
 
     def __init__(self, root: Path, workdir: Path, as_root: bool):
         self.port, self.token = free_port(), secrets.token_hex(24)
-        settings_dir, workspaces_dir = workdir / "settings", workdir / "workspaces"
-        write_lab_settings(settings_dir)
-        workspaces_dir.mkdir(parents=True, exist_ok=True)
+        write_lab_settings(workdir / "settings")
+        (workdir / "workspaces").mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "jupyterlab.log"
         # The kernel imports this package from this checkout, as the training subprocesses it starts do.
         src = str(Path(__file__).resolve().parents[1])
         env = {**os.environ, "JUPYTER_TOKEN": self.token,
                "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(lab_command(self.port, root, settings_dir, workspaces_dir, as_root),
+            self.process = subprocess.Popen(lab_command(self.port, root, workdir, as_root),
                                             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, start_new_session=True)
 
