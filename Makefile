@@ -9,13 +9,14 @@ TEST_WORKERS ?= auto
 RESUME ?=
 REUSE  ?=
 ARGS   ?=
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 FIGURE_FLAGS := --scale $(SCALE) --jobs $(JOBS) $(if $(RESUME),--resume) $(if $(REUSE),--reuse) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test smoke figures lab bench data demo clean
+.PHONY: help setup test smoke figures lab e2e bench data demo clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  figures variables: SCALE=default|quick (quick: into results/quick/, figures/quick/), JOBS=N (runs trained"
 	@echo "    in parallel), RESUME=1 (train only missing or unfinished runs), REUSE=1 (train and measure nothing: redraw"
 	@echo "    every figure and README section from the recorded results), ARGS='...' (more options of"
@@ -45,7 +46,13 @@ figures: $(STAMP) ## re-run every study notebook and regenerate figures/ and REA
 	$(PY) -m multinorm.studies figures $(FIGURE_FLAGS)
 
 lab: $(STAMP) ## open JupyterLab on notebooks/ (the notebooks write where make figures does)
-	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(filter 0,$(shell id -u)),--allow-root)
+	$(PY) -m jupyter lab --notebook-dir=notebooks $(if $(SUDO),,--allow-root)
+
+e2e: $(STAMP) ## open the playground in headless Chromium, check its widgets render, train -> figures/playground.png
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		$(SUDO) apt-get install -y chromium chromium-driver || \
+		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; }
+	$(PY) -m multinorm.e2e --out figures/playground.png
 
 bench: $(STAMP) ## benchmark: optimizer steps vs AdamW, compute/bandwidth floors, nano training -> results/bench/
 	$(PY) -m multinorm.bench --out results/bench

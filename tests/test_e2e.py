@@ -1,0 +1,52 @@
+"""`make e2e`'s helpers (the browser check itself needs Chromium and is not part of make test)."""
+
+import json
+import socket
+import sys
+import urllib.parse
+
+from multinorm.e2e import FALLBACK_TEXTS, free_port, lab_command, lab_url, parse_args, trained_steps, write_lab_settings
+
+
+def test_free_port_can_be_bound():
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_lab_url_opens_the_notebook_with_the_token():
+    url = urllib.parse.urlsplit(lab_url(8890, "a+b", "00 playground.ipynb"))
+    assert (url.scheme, url.netloc, url.path) == ("http", "127.0.0.1:8890", "/lab/tree/00%20playground.ipynb")
+    assert urllib.parse.parse_qs(url.query) == {"token": ["a+b"]}
+
+
+def test_lab_command_is_local_headless_and_root_only_when_asked(tmp_path):
+    command = lab_command(8890, tmp_path / "notebooks", tmp_path, as_root=False)
+    assert command[:4] == [sys.executable, "-m", "jupyter", "lab"]
+    assert {"--no-browser", "--ip=127.0.0.1", "--port=8890", f"--ServerApp.root_dir={tmp_path / 'notebooks'}",
+            f"--FileCheckpoints.checkpoint_dir={tmp_path / 'checkpoints'}"} <= set(command)
+    assert "--allow-root" not in command
+    assert "--allow-root" in lab_command(8890, tmp_path / "notebooks", tmp_path, as_root=True)
+    assert not any("token" in arg.lower() for arg in command)  # passed in the environment
+
+
+def test_lab_settings_turn_autosave_off(tmp_path):
+    write_lab_settings(tmp_path)
+    path = tmp_path / "@jupyterlab" / "docmanager-extension" / "plugin.jupyterlab-settings"
+    assert json.loads(path.read_text()) == {"autosave": False}
+
+
+def test_trained_steps_reads_the_run_the_status_line_names(tmp_path):
+    run = tmp_path / "sinkgd-lr0.00025-seed0-abc"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 0}\n{"step": 8}\n{"step": 16}\n')
+    line = "completed: final validation loss 6.05 (ppl 423.6), 1,015 tokens/s, 64 s of training "
+    assert trained_steps(line + f"({run.name})", tmp_path) == 16
+    assert trained_steps(line + "(another-run)", tmp_path) is None
+    assert trained_steps("failed (exit code 1): ...", tmp_path) is None
+
+
+def test_defaults_and_the_fallback_texts():
+    args = parse_args([])
+    assert (args.out, args.window_size) == ("figures/playground.png", "1400x1000")
+    assert "VBox(" in FALLBACK_TEXTS and "HBox(" in FALLBACK_TEXTS
