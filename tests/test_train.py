@@ -389,3 +389,24 @@ def test_lr_zero_with_adam_lr_freezes_only_the_hidden_matrices(tmp_path):
     hidden, _ = split_parameters(model)
     assert all(torch.equal(trained[name], init[name]) for name, _ in hidden)
     assert not torch.equal(trained["model.embed_tokens.weight"], init["model.embed_tokens.weight"])
+
+
+def test_run_records_call_only_uncommitted_code_dirty(tmp_path):
+    from multinorm.train import _git_commit
+
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    (tmp_path / "src").mkdir()
+    (tmp_path / "results").mkdir()
+    (tmp_path / "src" / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "table.csv").write_text("a\n1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = _git_commit(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "results" / "table.csv").write_text("a\n2\n")  # a study rewriting its own results
+    assert _git_commit(tmp_path) == clean
+    (tmp_path / "src" / "code.py").write_text("x = 2\n")
+    assert _git_commit(tmp_path) == clean + "-dirty"

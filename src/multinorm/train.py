@@ -186,12 +186,18 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _git_commit() -> str | None:
+# What decides a run's numbers: "-dirty" marks uncommitted changes here. Results, figures and README are written
+# by the studies themselves while a campaign runs, so changes there do not make the code dirty.
+CODE_PATHS = ("src", "notebooks", "pyproject.toml")
+
+
+def _git_commit(root: Path | None = None) -> str | None:
+    """The checkout's commit, with "-dirty" when its code (:data:`CODE_PATHS`) has uncommitted changes."""
     try:
-        root = Path(__file__).resolve().parents[2]
+        root = root or Path(__file__).resolve().parents[2]
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                *CODE_PATHS], capture_output=True, text=True, timeout=5)
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
