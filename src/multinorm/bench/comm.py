@@ -267,7 +267,8 @@ def model_table(comm: pd.DataFrame, setting: str = "hidden-1b", world: int = MOD
         calls, size = int(part.calls.sum()), int(part.bytes_per_rank.sum())
         transfer = sum(_transfer_s(k, b, world) for k, b in zip(part.collective, part.bytes_per_rank))
         latency = calls * LATENCY_US * 1e-6
-        grad = LATENCY_US * 1e-6 + _transfer_s("reduce_scatter" if layout == "fsdp" else "all_reduce", grad_bytes, world)
+        reduction = "reduce_scatter" if layout == "fsdp" else "all_reduce"
+        grad = LATENCY_US * 1e-6 + _transfer_s(reduction, grad_bytes, world)
         rows.append(dict(setting=setting, layout=layout, world_size=world, optimizer=name, calls=calls,
                          bytes_per_rank=size, latency_us=LATENCY_US, bus_bandwidth_GBps=BUS_BANDWIDTH_GBPS,
                          latency_ms=latency * 1e3, transfer_ms=transfer * 1e3, overhead_ms=(latency + transfer) * 1e3,
