@@ -54,8 +54,9 @@ e2e: $(STAMP) ## open the playground in headless Chromium, check its widgets ren
 		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; }
 	$(PY) -m multinorm.e2e --out figures/playground.png
 
-bench: $(STAMP) ## benchmark: optimizer steps vs AdamW, compute/bandwidth floors, nano training -> results/bench/
+bench: $(STAMP) ## benchmark: optimizer steps vs AdamW, floors, nano training, communication -> results/bench/
 	$(PY) -m multinorm.bench --out results/bench
+	$(PY) -m multinorm.bench.comm --out results/bench
 
 demo: $(STAMP) ## a short training run: nano LLaMA, wiki-sample, AdamW
 	$(PY) -m multinorm.train --model nano --dataset wiki-sample --optimizer adamw --tokens 2000000 --overwrite

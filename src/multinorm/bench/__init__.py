@@ -3,6 +3,7 @@
     python -m multinorm.bench --out results/bench            (make bench)
     python -m multinorm.bench --quick --out /tmp/bench        (tiny sizes, under a minute)
     python -m multinorm.bench --targets-only                  (re-evaluate the targets from the CSVs)
+    python -m multinorm.bench.comm --out results/bench       (collectives per step on 2-8 ranks, simulated)
 
 Every ratio is measured in one process, interleaved: the two sides are timed in alternation
 (A B A B ..., ``--rounds`` rounds; each measurement is a ``torch.utils.benchmark`` ``blocked_autorange``),
