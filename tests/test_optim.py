@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from multinorm import normalize as N
+from multinorm.bench.measure import HostSyncCounter
 from multinorm.optim import MNGD, SWAN, SinkGD, swan_direction
 from multinorm.optim import base
 from multinorm.optim import sinkgd as sinkgd_module
@@ -508,19 +509,6 @@ def test_batched_step_equals_per_matrix_direction(cls, kwargs):
             torch.testing.assert_close(W.detach(), expected, rtol=0, atol=2e-6)
 
 
-class HostSyncs(TorchDispatchMode):
-    """Counts aten._local_scalar_dense, the op behind .item(), bool(tensor) and float(tensor)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("cache_block", [None, 256])
 @pytest.mark.parametrize("make", [
     lambda p: SinkGD(p, weight_decay=0.1),
@@ -537,7 +525,7 @@ def test_step_never_synchronises_with_the_host(make, cache_block, monkeypatch):
     params = mixed_parameters(seed=2)
     params[0].grad.zero_()  # an all-zero gradient takes no other branch
     opt = make(params)
-    counter = HostSyncs()
+    counter = HostSyncCounter()
     with counter:
         opt.step()
     assert counter.count == 0
