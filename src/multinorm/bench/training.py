@@ -2,7 +2,7 @@
 
 The loop mirrors the trainer's step (:func:`multinorm.train.train`) with the same public pieces --
 ``load_data``, ``build_model``, ``build_optimizer`` -- and the regime of the convergence study (notebook 02):
-batch 16 x 256 tokens, vocabulary 1024, a 65,536-token validation set evaluated every 32 steps. One step: fetch the batch,
+batch 8 x 256 tokens, vocabulary 1024, a 65,536-token validation set evaluated every 64 steps. One step: fetch the batch,
 forward, backward, read the loss (the trainer logs it every step), optimizer step, ``zero_grad``, LR
 scheduler step. Every optimizer trains its own copy of the model (same seed) on the same batches.
 """
@@ -38,11 +38,11 @@ class TrainSetup:
     model: str = "nano"
     dataset: str = "wiki-sample"
     vocab_size: int = 1024
-    batch_size: int = 16
+    batch_size: int = 8
     seq_len: int = 256
     eval_tokens: int = 65_536
     eval_batch_size: int = 16
-    eval_interval: int = 32
+    eval_interval: int = 64
     lr: float = 1e-3
     seed: int = 0
 
