@@ -11,7 +11,8 @@ Hyperparameters common to the methods that pair with AdamW: ``adam_lr`` (default
 benchmark scripts use), ``weight_decay`` (0.0, decoupled, applied to both groups). ``scale`` multiplies the
 hidden group's update: the stateless methods and Muon run that group at ``scale * lr`` (the papers' "lr
 0.02, alpha 0.05" is ``lr=0.02, scale=0.05``), GaLore/APOLLO/Fira pass it as their own scale/alpha.
-Baselines (Muon, GaLore, APOLLO, Fira) come from torch and their packages; they are not re-implemented.
+Baselines (Muon, GaLore, APOLLO, Fira) come from torch and their packages; they are not re-implemented (Muon only
+chooses the precision of torch's Newton-Schulz iteration, :mod:`multinorm.optim.muon`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.optim import Optimizer
 from .combined import CombinedOptimizer
 from .grouping import is_hidden_matrix, split_parameters
 from .mngd import MNGD
+from .muon import Muon
 from .sinkgd import SinkGD
 from .swan import SWAN
 
@@ -83,9 +85,9 @@ def _stateless(cls: type, keys: tuple[str, ...], fixed: Mapping[str, Any] | None
 
 
 def _muon(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
-    opt = torch.optim.Muon([{"params": hidden, "name": "hidden"}], lr=hp["scale"] * lr,
-                           weight_decay=hp["weight_decay"], momentum=hp["momentum"], nesterov=hp["nesterov"],
-                           ns_steps=hp["ns_steps"], adjust_lr_fn=hp["adjust_lr_fn"])
+    opt = Muon([{"params": hidden, "name": "hidden"}], lr=hp["scale"] * lr, weight_decay=hp["weight_decay"],
+               momentum=hp["momentum"], nesterov=hp["nesterov"], ns_steps=hp["ns_steps"],
+               adjust_lr_fn=hp["adjust_lr_fn"], ns_dtype=hp["ns_dtype"])
     return [opt] + _adamw_rest(rest, lr, hp)
 
 
@@ -146,8 +148,9 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "multi-normalized GD (any norms, stateless) on hidden matrices + AdamW",
         _stateless(MNGD, ("norms", "iters")), {"norms": ("row", "col"), "iters": 5, "scale": 1.0, **_ADAM}),
     "muon": OptimizerSpec(
-        "torch.optim.Muon on hidden matrices + AdamW", _muon,
-        {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr_fn": None, "scale": 1.0, **_ADAM}),
+        "torch.optim.Muon on hidden matrices + AdamW (Newton-Schulz in bf16 on CUDA, fp32 on CPU)", _muon,
+        {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr_fn": None, "ns_dtype": "auto", "scale": 1.0,
+         **_ADAM}),
     "galore": OptimizerSpec(
         "GaLore AdamW (galore-torch) with low-rank projection of hidden matrices", _galore,
         {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", **_ADAM_PKG}),
