@@ -13,9 +13,12 @@ Parameter routing follows the benchmark: the Linear weights inside attention and
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+
+if TYPE_CHECKING:  # transformers takes seconds to import: only the builders below need it
+    from transformers import LlamaConfig, LlamaForCausalLM
 
 from .optim.grouping import HIDDEN_MATRIX_NAMES, split_parameters  # re-exported for existing callers
 
@@ -62,6 +65,8 @@ def llama_config(name: str, vocab_size: int | None = None, max_position_embeddin
     vocab = vocab_size if vocab_size is not None else shape.vocab_size
     if vocab is None:
         raise ValueError(f"model {name!r} takes its vocabulary size from the tokenizer; pass vocab_size")
+    from transformers import LlamaConfig
+
     return LlamaConfig(
         vocab_size=vocab,
         hidden_size=shape.hidden_size,
@@ -98,6 +103,8 @@ def build_model(
     `device="meta"` builds the module without allocating weights (for parameter counts of the big sizes).
     With `seed`, initialisation is reproducible (the global torch RNG is seeded).
     """
+    from transformers import LlamaForCausalLM
+
     config = llama_config(name, vocab_size, max_position_embeddings)
     config._attn_implementation = "sdpa"
     if seed is not None:

@@ -49,7 +49,6 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from multinorm import __version__
 from multinorm import distributed_checkpoint
@@ -175,6 +174,8 @@ class RunResult:
 def build_scheduler(optimizer: torch.optim.Optimizer, steps: int, warmup_frac: float = 0.1,
                     min_lr_ratio: float = 0.1) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up from 0 over int(warmup_frac * steps) steps, then cosine decay to min_lr_ratio x peak."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup  # seconds to import: only when training
+
     return get_cosine_with_min_lr_schedule_with_warmup(
         optimizer, num_warmup_steps=int(warmup_frac * steps), num_training_steps=steps, min_lr_rate=min_lr_ratio)
 
