@@ -20,6 +20,12 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first (stable order otherwise): under pytest-xdist the minute-long ones start early and the
+    short ones fill the gaps, so no worker finishes the run alone on a long test while the others idle."""
+    items.sort(key=lambda item: (item.get_closest_marker("slow") is None, "smoke" not in item.name))  # longest first
+
+
 @pytest.fixture(scope="session", autouse=True)
 def offline():
     """Hugging Face offline mode for the whole run, restored afterwards.
