@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from multinorm import bench
-from multinorm.bench.targets import evaluate_targets, summary_markdown
+from multinorm.bench.targets import bandwidth_bound, evaluate_targets, summary_markdown
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -175,6 +175,19 @@ def test_summary_markdown_lists_targets_and_profile():
     assert "| backward | 40.0 ms (40%) | 40.0 ms (40%) |" in text
     assert text.count("not measured") == 2
     assert "cpu float32 sinkgd 5,000 (1.020x adamw, 0.900-1.100)" in text
+
+
+def test_bandwidth_bound_divides_sinkgds_floor_by_the_adamw_foreach_step():
+    rows = [("block-1b", "adamw-foreach", 400.0, 90.0), ("block-1b", "sinkgd", 340.0, 190.0),
+            ("micro", "adamw-foreach", 20.0, 5.0), ("micro", "sinkgd", 24.0, 12.0), ("micro", "sgd", 3.0, 2.0),
+            ("small", "sinkgd", 1.0, 0.5)]  # no AdamW row: no bound
+    bandwidth = pd.DataFrame([{"setting": s, "device": "cpu", "dtype": "float32", "method": m, "step_ms": t,
+                               "floor_ms": f} for s, m, t, f in rows])
+    bound = bandwidth_bound(bandwidth).set_index("setting")["floor_ratio"]
+    assert bound.to_dict() == pytest.approx({"block-1b": 190 / 400, "micro": 12 / 20})
+    shown = bandwidth.assign(bytes=1e6, achieved_gbs=1.0, machine_gbs=2.0, fraction=0.5)
+    text = summary_markdown(_tables() | {"bandwidth": shown}, evaluate_targets(_tables()), {})
+    assert "block-1b cpu float32: 0.47; micro cpu float32: 0.60" in text
 
 
 # ------------------------------------------------------------------------------------------------------------

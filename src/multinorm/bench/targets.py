@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-__all__ = ["Target", "TARGETS", "TABLES", "evaluate_targets", "read_tables", "summary_markdown"]
+__all__ = ["Target", "TARGETS", "TABLES", "bandwidth_bound", "evaluate_targets", "read_tables", "summary_markdown"]
 
 # file stem -> what it holds (every table the targets or the summary read)
 TABLES = ("optimizer_step", "compute_floor", "bandwidth", "train_throughput", "train_profile")
@@ -98,6 +98,16 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None or pd.isna(value) else format(value, spec)
 
 
+def bandwidth_bound(bandwidth: pd.DataFrame) -> pd.DataFrame:
+    """Per setting, SinkGD's bandwidth floor (its bytes at the machine's measured bandwidth) divided by the
+    measured AdamW(foreach) step: the lowest step ratio the SinkGD step's memory traffic permits."""
+    keys = ["setting", "device", "dtype"]
+    sink = bandwidth[bandwidth["method"] == "sinkgd"].set_index(keys)["floor_ms"]
+    adam = bandwidth[bandwidth["method"] == "adamw-foreach"].set_index(keys)["step_ms"]
+    joined = pd.concat({"sinkgd_floor_ms": sink, "adamw_foreach_ms": adam}, axis=1).dropna()
+    return joined.assign(floor_ratio=joined["sinkgd_floor_ms"] / joined["adamw_foreach_ms"]).reset_index()
+
+
 def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, env: Mapping | None) -> str:
     """A short markdown summary (targets, training-step profile, throughput) for a README section."""
     env = env or {}
@@ -125,6 +135,13 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
              "fraction"]]
         lines += ["**Bytes a step must move** (floor_ms: those bytes at the best memory bandwidth measured with the "
                   "same threads, machine_gbs; the accounting is in bandwidth.csv)\n", _table(shown), ""]
+        bound = bandwidth_bound(bandwidth)
+        if not bound.empty:
+            parts = [f"{r.setting} {r.device} {r.dtype}: {r.floor_ratio:.2f}" for r in bound.itertuples()]
+            lines += ["**What the bytes allow.** SinkGD's floor as a fraction of the AdamW(foreach) step ("
+                      + "; ".join(parts) + "). An implementation that reads the gradient's fp32 copy twice per SR-Sinkhorn pass (its row "
+                      "and its column norms, bandwidth.csv) cannot bring the step ratio below this: a target under "
+                      "it needs fewer passes over the data, not faster code.", ""]
     throughput = tables.get("train_throughput")
     if throughput is not None and not throughput.empty:
         parts = [f"{r.device} {r.dtype} {r.optimizer} {r.tokens_per_s:,.0f} ({_fmt(r.ratio, '.3f')}x {r.baseline}, "
