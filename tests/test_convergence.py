@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from multinorm.convergence import (ConvergenceStudy, StudyMethod, _extension, best_config, interior,
-                                   paired_comparisons, seed_curves, selection_bias, verdict_table,
-                                   bench_throughput_ratios)
+from multinorm.convergence import (ConvergenceStudy, StudyMethod, _extension, bench_throughput,
+                                   bench_throughput_ratios, best_config, interior, paired_comparisons,
+                                   results_table, seed_curves, selection_bias, verdict_lines, verdict_table)
 from multinorm.train import TrainConfig
 
 
@@ -86,6 +86,49 @@ def test_throughput_claims_use_the_benchmark_when_given():
     assert bench.loc[raw_claim, "verdict"] == "reproduced"  # above 1.09 in every round
     assert bench.loc[eff_claim, "ours"] == pytest.approx(2.0 * 1.25, rel=0.04)
     assert bench.loc[eff_claim, "ci_low"] < bench.loc[eff_claim, "ours"] < bench.loc[eff_claim, "ci_high"]
+
+
+def test_bench_throughput_is_read_only_for_the_same_regime(tmp_path):
+    base = TrainConfig(model="nano", vocab_size=1024, batch_size=8, seq_len=256)
+    assert bench_throughput(tmp_path, base) == {}  # no benchmark at all
+    raw = pd.DataFrame([{"table": "train_throughput", "round": r, "name": n, "seconds": t}
+                        for r in range(3) for n, t in (("adamw", 1.0), ("sinkgd", 0.5), ("swan", 2.0))])
+    raw.to_csv(tmp_path / "raw_times.csv", index=False)
+    rows = [{"model": "nano", "device": "cpu", "vocab_size": 1024, "batch_size": 8, "seq_len": 256, "optimizer": m}
+            for m in ("adamw", "sinkgd", "swan")]
+    pd.DataFrame(rows).to_csv(tmp_path / "train_throughput.csv", index=False)
+    found = bench_throughput(tmp_path, base)
+    assert set(found) == {"sinkgd", "swan"}
+    assert found["sinkgd"] == pytest.approx([2.0] * 3) and found["swan"] == pytest.approx([0.5] * 3)
+    assert bench_throughput(tmp_path, TrainConfig(model="nano", vocab_size=1024, batch_size=16, seq_len=256)) == {}
+    pd.DataFrame(rows).drop(columns="vocab_size").to_csv(tmp_path / "train_throughput.csv", index=False)
+    assert bench_throughput(tmp_path, base) == {}  # a benchmark that did not record its vocabulary
+
+
+def test_results_table_and_verdict_lines_carry_the_intervals():
+    final, curves = synthetic(2.0)
+    final = final.assign(lr=np.where(final.method == "base", 2e-3, 5e-4))
+    comparisons = paired_comparisons(final, curves, "base")
+    table = results_table(final, comparisons, ["base", "fast"], "base").set_index("method")
+    assert table.loc["base", "Δ loss vs baseline"] == "(baseline)" and table.loc["base", "seeds"] == 5
+    assert table.loc["fast", "lr"] == 5e-4
+    speed = comparisons.set_index(["method", "quantity"]).loc[("fast", "speedup_100")]
+    assert table.loc["fast", "speed-up @100%"] == f"{speed.estimate:.2f} [{speed.ci_low:.2f}, {speed.ci_high:.2f}]"
+    assert table.loc["fast", "Δ loss vs baseline"].startswith("-")
+
+    verdicts = pd.DataFrame([{"claim": "X is 2x faster", "paper": "2x", "ours": 1.5, "ci_low": 1.2, "ci_high": 1.9,
+                              "verdict": "partly", "reference": "base"}])
+    grids = pd.DataFrame({"method": ["base", "fast"], "interior": [True, False]})
+    regime = pd.DataFrame([{"quantity": "bigram", "value": 4.1, "met": ""},
+                           {"quantity": "R1: bigram - baseline", "value": 0.31, "met": True},
+                           {"quantity": "R2: frozen hidden - baseline", "value": 0.2, "met": False}])
+    bias = pd.Series({"estimate": -0.01, "ci_low": -0.03, "ci_high": 0.01})
+    lines = verdict_lines(verdicts, grids, regime, bias)
+    assert lines[0] == "* X is 2x faster (paper: 2x): ours **1.50×** [1.20, 1.90] vs base → **partly**."
+    assert "edge of its grid" in lines[1] and "fast" in lines[1]
+    assert "not distinguishable from 0" in lines[2]
+    assert lines[3] == "* Regime checks: R1: bigram - baseline = 0.31 (met); R2: frozen hidden - baseline = 0.2 (NOT met)."
+    assert len(verdict_lines(verdicts, grids.assign(interior=True), regime)) == 3
 
 
 @pytest.mark.slow

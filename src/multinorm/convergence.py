@@ -36,7 +36,7 @@ from multinorm.sweep import load_curves, run_grid
 from multinorm.train import TrainConfig
 
 __all__ = ["StudyMethod", "ConvergenceStudy", "FRACTIONS", "CLAIMS", "paired_comparisons", "selection_bias",
-           "verdict_table", "bench_throughput_ratios"]
+           "verdict_table", "bench_throughput_ratios", "bench_throughput", "results_table", "verdict_lines"]
 
 FRACTIONS = (0.5, 0.75, 1.0)
 ADAMW_BETA2 = (0.95, 0.999)
@@ -345,3 +345,78 @@ def mean_curves(curves: pd.DataFrame) -> pd.DataFrame:
         rows.append({"method": method, "tokens": tokens, "mean": ci.estimate, "ci_low": ci.low, "ci_high": ci.high,
                      "n": ci.n})
     return pd.DataFrame(rows)
+
+
+def bench_throughput(bench_dir: str | Path, base: TrainConfig,
+                     methods: Sequence[str] = ("sinkgd", "swan")) -> dict[str, np.ndarray]:
+    """Per-round tokens/s ratios (method / AdamW) from ``make bench``, if its training benchmark measured this
+    regime (same model, device, vocabulary, batch and sequence length); else ``{}``.
+
+    The benchmark interleaves the optimizers round by round on an idle machine; the study's own runs may have
+    shared the cores with a parallel worker, so their tokens/s are only the fallback of :func:`verdict_table`.
+    """
+    bench_dir = Path(bench_dir)
+    table, raw = bench_dir / "train_throughput.csv", bench_dir / "raw_times.csv"
+    if not (table.exists() and raw.exists()):
+        return {}
+    measured = pd.read_csv(table)
+    if "vocab_size" not in measured:  # written before the benchmark recorded its vocabulary
+        return {}
+    same = measured[(measured.model == base.model) & (measured.device == base.device)
+                    & (measured.vocab_size == base.vocab_size) & (measured.batch_size == base.batch_size)
+                    & (measured.seq_len == base.seq_len)]
+    raw_times = pd.read_csv(raw)
+    return {m: bench_throughput_ratios(raw_times, m) for m in methods if m in set(same.optimizer)}
+
+
+def _with_ci(row: Any, fmt: str = "{:.2f}") -> str:
+    return f"{fmt.format(row.estimate)} [{fmt.format(row.ci_low)}, {fmt.format(row.ci_high)}]"
+
+
+def results_table(final: pd.DataFrame, comparisons: pd.DataFrame, methods: Sequence[str],
+                  baseline: str) -> pd.DataFrame:
+    """One row per method for README: tuned lr, seeds, mean final loss, and against the baseline the paired
+    final-loss difference, the token speed-ups at each target and the tokens/s ratio, each ``estimate [95 % CI]``
+    (with the number of censored seeds, which never reached a target, where there are any)."""
+    from multinorm.report import method_label
+
+    rows = []
+    for method in methods:
+        runs = final[final.method == method]
+        c = comparisons[comparisons.method == method].set_index("quantity")
+        row = {"method": method_label(method), "lr": runs.lr.iloc[0], "seeds": len(runs),
+               "final val loss": runs.final_val_loss.mean()}
+        if method == baseline:
+            row.update({"Δ loss vs baseline": "(baseline)", **{f"speed-up @{int(f * 100)}%": "–" for f in FRACTIONS},
+                        "tokens/s ratio": "–"})
+        else:
+            row["Δ loss vs baseline"] = _with_ci(c.loc["final_loss_diff"], "{:+.3f}")
+            for f in FRACTIONS:
+                q = c.loc[f"speedup_{int(f * 100)}"]
+                row[f"speed-up @{int(f * 100)}%"] = _with_ci(q) + (f" ({int(q.censored)} cens.)" if q.censored else "")
+            row["tokens/s ratio"] = _with_ci(c.loc["throughput_ratio"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def verdict_lines(verdicts: pd.DataFrame, grids: pd.DataFrame, regime: pd.DataFrame,
+                  pooled_bias: Any | None = None) -> list[str]:
+    """README bullets: one per claim (ours with its interval, the verdict), then whether every tuned lr is
+    interior, the pooled selection bias (a row of :func:`selection_bias`) and the regime checks R1-R3."""
+    from multinorm.report import method_label
+
+    lines = [f"* {v.claim} (paper: {v.paper}): ours **{v.ours:.2f}×** [{v.ci_low:.2f}, {v.ci_high:.2f}] "
+             f"vs {method_label(v.reference)} → **{v.verdict}**." for v in verdicts.itertuples()]
+    edges = grids[~grids.interior.astype(bool)].method.tolist()
+    lines.append("* Every tuned lr is an interior point of its grid." if not edges else
+                 "* Best lr on an edge of its grid after the allowed extensions: "
+                 + ", ".join(map(method_label, edges)) + ".")
+    if pooled_bias is not None:
+        b = pooled_bias
+        lines.append(f"* Selection bias of the reused sweep run (seed 0 minus the other seeds, pooled over methods): "
+                     f"{b.estimate:+.3f} [{b.ci_low:+.3f}, {b.ci_high:+.3f}] nats"
+                     + (" — not distinguishable from 0." if b.ci_low <= 0 <= b.ci_high else "."))
+    checks = regime[regime.quantity.str.startswith("R")]
+    lines.append("* Regime checks: " + "; ".join(f"{r.quantity} = {r.value:.3g} ({'met' if r.met else 'NOT met'})"
+                                                 for r in checks.itertuples()) + ".")
+    return lines
