@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import multinorm.train as train_module
+from multinorm.optim import OPTIMIZERS
 from multinorm.train import TrainConfig, main, read_metrics, train
 from test_train import cli_args
 
@@ -107,6 +108,16 @@ def test_parallel_modes_need_torchrun(capsys, monkeypatch):
     assert main(["--no-progress", "--parallel", "fsdp"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --parallel fsdp needs processes started by torchrun") and "\n" not in err
+
+
+@pytest.mark.parametrize("name", [n for n, spec in OPTIMIZERS.items() if not spec.sharded])
+def test_optimizers_untested_on_sharded_parameters_are_refused_under_fsdp(name, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(["--no-progress", "--parallel", "fsdp", "--optimizer", name]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {name} is not supported on FSDP2-sharded parameters") and "\n" not in err
+    assert "sinkgd" in err and "swan" in err and err.endswith("use --parallel ddp")
 
 
 def test_an_unknown_parallel_mode_is_refused(capsys):

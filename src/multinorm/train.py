@@ -150,6 +150,10 @@ class TrainConfig:
             raise ConfigError(f"device {self.device!r} requested but CUDA is not available")
         if self.parallel is not None and self.parallel not in MODES:
             raise ConfigError(f"unknown parallel mode {self.parallel!r}; valid: {', '.join(MODES)}")
+        if self.parallel == "fsdp" and not OPTIMIZERS[self.optimizer].sharded:
+            supported = ", ".join(name for name, spec in OPTIMIZERS.items() if spec.sharded)
+            raise ConfigError(f"{self.optimizer} is not supported on FSDP2-sharded parameters (supported: "
+                              f"{supported}); use --parallel ddp")
 
 
 def _finite_nonnegative(x: Any) -> bool:

@@ -40,12 +40,14 @@ Builder = Callable[[Params, Params, float, dict], list[Optimizer]]
 
 @dataclass(frozen=True)
 class OptimizerSpec:
-    """A registry entry: a one-line description, the hparams it accepts with their defaults, and the
-    builder ``(hidden, rest, lr, hparams) -> [child optimizers]``."""
+    """A registry entry: a one-line description, the hparams it accepts with their defaults, the
+    builder ``(hidden, rest, lr, hparams) -> [child optimizers]``, and whether its step is known to be
+    correct on FSDP2-sharded (DTensor) parameters (``sharded``; tested in tests/test_distributed_optim.py)."""
 
     description: str
     builder: Builder
     defaults: Mapping[str, Any] = field(default_factory=dict)
+    sharded: bool = False
 
 
 _ADAM = {"adam_lr": None, "adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "weight_decay": 0.0}
@@ -130,23 +132,24 @@ _APOLLO_COMMON = {"update_proj_gap": 200, "proj": "random", "proj_type": "std", 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
     "adamw": OptimizerSpec(
-        "torch AdamW on every parameter", _adamw, dict(_ADAM)),
+        "torch AdamW on every parameter", _adamw, dict(_ADAM), sharded=True),
     "sgd": OptimizerSpec(
         "torch SGD on every parameter", _sgd, {"momentum": 0.0, "nesterov": False, "weight_decay": 0.0}),
     "sinkgd": OptimizerSpec(
         "SinkGD (SR-Sinkhorn, stateless) on hidden matrices + AdamW",
-        _stateless(SinkGD, ("iters", "eps")), {"iters": 5, "eps": 1e-8, "scale": 1.0, **_ADAM}),
+        _stateless(SinkGD, ("iters", "eps")), {"iters": 5, "eps": 1e-8, "scale": 1.0, **_ADAM}, sharded=True),
     "swan": OptimizerSpec(
         "SWAN (GradNorm + Newton-Schulz whitening, stateless) on hidden matrices + AdamW",
         _stateless(SWAN, _SWAN_KEYS + ("whitening",), {"variant": "full"}),
-        {"ns_steps": 10, "beta": 0.8, "whitening": "newton-schulz", **_SWAN_COMMON, **_ADAM}),
+        {"ns_steps": 10, "beta": 0.8, "whitening": "newton-schulz", **_SWAN_COMMON, **_ADAM}, sharded=True),
     "swan-nsds": OptimizerSpec(
         "SWAN with NSDS whitening (stateless) on hidden matrices + AdamW",
         _stateless(SWAN, _SWAN_KEYS + ("diagonal_z",), {"variant": "nsds"}),
-        {"ns_steps": 2, "beta": 0.4, "diagonal_z": False, **_SWAN_COMMON, **_ADAM}),
+        {"ns_steps": 2, "beta": 0.4, "diagonal_z": False, **_SWAN_COMMON, **_ADAM}, sharded=True),
     "mngd": OptimizerSpec(
         "multi-normalized GD (any norms, stateless) on hidden matrices + AdamW",
-        _stateless(MNGD, ("norms", "iters")), {"norms": ("row", "col"), "iters": 5, "scale": 1.0, **_ADAM}),
+        _stateless(MNGD, ("norms", "iters")), {"norms": ("row", "col"), "iters": 5, "scale": 1.0, **_ADAM},
+        sharded=True),
     "muon": OptimizerSpec(
         "torch.optim.Muon on hidden matrices + AdamW (Newton-Schulz in bf16 on CUDA, fp32 on CPU)", _muon,
         {"momentum": 0.95, "nesterov": True, "ns_steps": 5, "adjust_lr_fn": None, "ns_dtype": "auto", "scale": 1.0,
