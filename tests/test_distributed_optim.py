@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import traceback
 
 import pytest
 import torch
@@ -89,19 +90,6 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("method", list(CONFIGS))
-def test_sharded_step_matches_single_process(method):
-    """Row-sharded matrices with uneven and empty shards, column-sharded ones, 3-D ones: one step on 2
-    ranks equals the single-process step to fp32 rounding."""
-    spawn(_check_matches, CONFIGS[method])
-
-
-def test_swan_replicated_split_matches_single_process():
-    """Under DDP (whole matrices, equal gradients on every rank) SWAN whitens each matrix on one rank and
-    all-gathers the updates: the result equals the single-process step."""
-    spawn(_check_matches, CONFIGS["swan"][:2], True)
-
-
 def _count_collectives(rank, world, iters, subsets):
     real = dist.all_reduce
     for only in subsets:
@@ -117,12 +105,6 @@ def _count_collectives(rank, world, iters, subsets):
         finally:
             dist.all_reduce = real
         assert 0 < len(counted) <= iters + 3, (only, len(counted))
-
-
-def test_sinkgd_collectives_do_not_grow_with_matrices():
-    """One SinkGD step with L = 5 costs at most L + 3 all-reduces for one matrix, for four row-sharded
-    ones and for seven of both layouts."""
-    spawn(_count_collectives, 5, [(0,), (0, 1, 2, 5), None])
 
 
 def _checkpoint_roundtrip(rank, world, name):
@@ -162,8 +144,43 @@ def _checkpoint_roundtrip(rank, world, name):
         assert torch.equal(a.full_tensor(), b.full_tensor()), n
 
 
-@pytest.mark.parametrize("name", ["sinkgd", "swan"])
-def test_fsdp2_optimizer_state_round_trips_through_distributed_checkpoint(name):
-    """The combined optimizer (stateless rule + AdamW) of an FSDP2 model saves and restores through
-    torch.distributed.checkpoint's state-dict API; training continues identically."""
-    spawn(_checkpoint_roundtrip, name)
+# Every check runs in one pair of processes (starting a pair costs seconds of imports); each is a subtest.
+CHECKS = {
+    # Row-sharded matrices with uneven and empty shards, column-sharded ones, 3-D ones: one step on 2 ranks
+    # equals the single-process step to fp32 rounding.
+    **{f"sharded {m} step = one-process step": (_check_matches, (CONFIGS[m],)) for m in CONFIGS},
+    # Under DDP (whole matrices, equal gradients on every rank) SWAN whitens each matrix on one rank and
+    # all-gathers the updates: the result equals the single-process step.
+    "replicated SWAN split = one-process step": (_check_matches, (CONFIGS["swan"][:2], True)),
+    # One SinkGD step with L = 5 costs at most L + 3 all-reduces for one matrix, for four row-sharded ones and
+    # for seven of both layouts.
+    "SinkGD all-reduces do not grow with matrices": (_count_collectives, (5, [(0,), (0, 1, 2, 5), None])),
+    # The combined optimizer (stateless rule + AdamW) of an FSDP2 model saves and restores through
+    # torch.distributed.checkpoint's state-dict API; training continues identically.
+    **{f"FSDP2 {n} state round-trips through DCP": (_checkpoint_roundtrip, (n,)) for n in ("sinkgd", "swan")},
+}
+
+
+def _run_checks(rank, world, log_dir):
+    for i, (fn, args) in enumerate(CHECKS.values()):
+        try:
+            fn(rank, world, *args)
+        except BaseException:
+            (log_dir / f"{i}.rank{rank}.failed").write_text(traceback.format_exc())
+            raise  # the other rank may wait in a collective of this check: stop both
+        dist.barrier()
+        (log_dir / f"{i}.rank{rank}.ok").touch()
+
+
+def test_sharded_optimizers_on_two_ranks(tmp_path, subtests):
+    crash = None
+    try:
+        spawn(_run_checks, tmp_path)
+    except Exception as exc:  # reported by the subtest of the check that raised it
+        crash = exc
+    for i, name in enumerate(CHECKS):
+        with subtests.test(check=name):
+            failed = sorted(tmp_path.glob(f"{i}.rank*.failed"))
+            assert not failed, failed[0].read_text()
+            assert all((tmp_path / f"{i}.rank{r}.ok").exists() for r in range(2)), \
+                f"not run: an earlier check stopped the processes ({crash})"
