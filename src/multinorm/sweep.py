@@ -181,11 +181,17 @@ def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str
                         results[i] = future.result()
                         bar.set_postfix_str(planned[i][0].run_id)
                         bar.update(1)
+                        if results[i].status == "interrupted":  # a signal reached a worker: start no new run
+                            pool.shutdown(wait=True, cancel_futures=True)
+                            break
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
             for result in results:
-                _reraise_interrupt(result)
+                if result is not None:
+                    _reraise_interrupt(result)
+            if any(result is None for result in results):
+                raise RuntimeError("stopped by a signal before every run was trained; continue with mode='resume'")
     finally:
         bar.close()
     return pd.DataFrame([_summary_row(r.run_dir, r.summary, cfg, tag) for r, (cfg, tag) in zip(results, planned)])
