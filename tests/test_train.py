@@ -120,14 +120,14 @@ def test_schedule_state_resumes_exactly(tmp_path):
 @pytest.mark.slow
 def test_nano_learns_wiki_sample(tmp_path):
     """AdamW on nano: the validation loss falls well below the uniform-guess loss ln(V)."""
-    cfg = tiny(tmp_path, vocab_size=1024, seq_len=128, batch_size=8, tokens=8 * 128 * 60, eval_interval=20,
+    cfg = tiny(tmp_path, vocab_size=1024, seq_len=128, batch_size=8, tokens=8 * 128 * 40, eval_interval=20,
                lr=1e-2, eval_tokens=128 * 32)
     result = train(cfg)
     assert result.status == "completed"
     rows = read_metrics(result.run_dir)
     vals = [r["val_loss"] for r in rows if r["val_loss"] is not None]
     assert vals[0] > math.log(1024) - 0.5
-    assert vals[-1] < math.log(1024) - 0.8  # 6.96 -> 5.98 nats/token after 61k tokens when this was written
+    assert vals[-1] < math.log(1024) - 0.8  # 6.96 -> 6.02 nats/token after 41k tokens when this was written (threshold 6.13)
     assert all(a > b for a, b in zip(vals, vals[1:]))
 
 

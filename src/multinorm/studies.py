@@ -56,7 +56,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
     },
     "smoke": {
         "01_fixed_point": {"shape_sizes": [], "extra_shapes": [[24, 16], [16, 40]], "max_iters": 4,
-                           "capture_tokens": 2_048, "seq_len": 32, "batch_size": 2},
+                           "limit_iters": 20, "capture_tokens": 2_048, "seq_len": 32, "batch_size": 2},
         "02_convergence": {"tokens": 2 * 32 * 4, "seq_len": 32, "batch_size": 2, "vocab_size": 4096,
                            "eval_interval": 2, "eval_tokens": 32 * 8,
                            "probe_regimes": [{"vocab_size": 4096, "batch_size": 2, "tokens": 2 * 32 * 2}],
@@ -65,7 +65,7 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                                         "sinkgd": [1e-3], "swan": [1e-3]},
                            "max_extensions": 0, "core_seeds": 2, "other_seeds": 2},
         "03_memory_throughput": {"measure_steps": 1, "measure_model": "nano", "seq_len": 32, "batch_size": 2,
-                                 "methods": ["adamw", "sinkgd", "swan"], "rss_repeats": 1},
+                                 "methods": ["adamw", "sinkgd"], "rss_repeats": 1},
         "04_ablations": {"tokens": 2 * 32 * 4, "seq_len": 32, "batch_size": 2, "vocab_size": 4096,
                          "lr_multipliers": [1.0], "max_extensions": 0, "ablation_seeds": 2, "eval_interval": 2,
                          "eval_tokens": 32 * 8, "variants": ["sinkgd-L1", "swan-gradnorm-only"]},
