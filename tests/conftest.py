@@ -95,10 +95,10 @@ def signal_at(monkeypatch):
             if len(loads) == nth_load:
                 real_batch = data.train_batch
 
-                def train_batch(i, batch_size):
+                def train_batch(i, batch_size, **kwargs):
                     if i == step:
                         signal.raise_signal(signum)
-                    return real_batch(i, batch_size)
+                    return real_batch(i, batch_size, **kwargs)
 
                 data.train_batch = train_batch
             return data

@@ -444,6 +444,23 @@ def test_c4_offline(data_c4_files, data_small_tokenizer, tmp_path):
     seen = torch.cat([fresh.train_batch(s, 10)[0] for s in range(10)])
     assert len({tuple(r.tolist()) for r in seen}) == 100
 
+    # A rank's share of a global batch: the same rows, and only those documents are tokenized.
+    encoded = []
+    real_encode = fresh.encode
+    fresh.encode = lambda texts: encoded.append(len(texts)) or real_encode(texts)
+    for step in (3, 4):
+        whole = fresh.train_batch(step, 8)
+        halves = [fresh.train_batch(step, 8, rows=slice(r * 4, (r + 1) * 4)) for r in range(2)]
+        for k in range(2):
+            assert torch.equal(torch.cat([h[k] for h in halves]), whole[k])
+    assert encoded == [8, 4, 4, 8, 4, 4]
+
+
+def test_packed_batches_give_a_ranks_share_by_rows(data_wiki):
+    whole = data_wiki.train_batch(5, 8)
+    share = data_wiki.train_batch(5, 8, rows=slice(2, 6))
+    assert torch.equal(share[0], whole[0][2:6]) and torch.equal(share[1], whole[1][2:6])
+
 
 def test_c4_without_validation_files_splits_by_hash(data_c4_files, data_small_tokenizer, tmp_path):
     data = D.load_data("c4", seq_len=24, data_files=data_c4_files["train"],

@@ -18,10 +18,10 @@ def load_data(*args, **kwargs):
     data = real_load(*args, **kwargs)
     real_batch = data.train_batch
 
-    def train_batch(step, batch_size):
+    def train_batch(step, batch_size, **kwargs):
         if step == STEP and os.environ.get("RANK", "0") == RANK:
             signal.raise_signal(signal.SIGTERM)
-        return real_batch(step, batch_size)
+        return real_batch(step, batch_size, **kwargs)
 
     data.train_batch = train_batch
     return data

@@ -152,10 +152,10 @@ class Parallel:
     # ------------------------------------------------------------------------------------------------------
     # data and results
 
-    def rows(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's equal share of a global batch: rows [rank B/N, (rank + 1) B/N)."""
-        share = batch.shape[0] // self.world
-        return batch[self.rank * share:(self.rank + 1) * share]
+    def rows(self, batch_size: int) -> slice:
+        """This rank's equal share of a global batch of ``batch_size`` rows: [rank B/N, (rank + 1) B/N)."""
+        share = batch_size // self.world
+        return slice(self.rank * share, (self.rank + 1) * share)
 
     def sum(self, values: list[float]) -> list[float]:
         """Each value summed over the ranks (in float64; one all-reduce)."""

@@ -559,8 +559,8 @@ def _train(cfg: TrainConfig, par: Parallel, resume: bool, overwrite: bool) -> Ru
         window_tokens, window_time = 0, 0.0
         while step < steps:
             t0 = time.perf_counter()
-            input_ids, labels = data.train_batch(step, cfg.batch_size)
-            chunks = list(zip(par.rows(input_ids).split(micro_bs), par.rows(labels).split(micro_bs)))
+            input_ids, labels = data.train_batch(step, cfg.batch_size, rows=par.rows(cfg.batch_size))
+            chunks = list(zip(input_ids.split(micro_bs), labels.split(micro_bs)))
             step_loss = 0.0
             for i, (chunk_ids, chunk_labels) in enumerate(chunks):
                 with par.accumulating(model, last=i == len(chunks) - 1):

@@ -51,7 +51,9 @@ class LMData:
 
     ``train_batch(step, batch_size)`` returns ``(input_ids, labels)``, both
     ``LongTensor[batch_size, seq_len]``; labels equal input_ids except at
-    padding (-100). Labels are *not* shifted: Hugging Face causal LMs shift
+    padding (-100). ``rows=slice(a, b)`` returns only rows ``a:b`` of that
+    batch (one rank's share under data parallelism; a stream still advances by
+    the whole batch, and only the share is tokenized). Labels are *not* shifted: Hugging Face causal LMs shift
     them internally. ``val_batches(batch_size)`` iterates the fixed validation
     set in order (the last batch may be smaller).
     """
@@ -64,7 +66,8 @@ class LMData:
     n_val_tokens: int
     info: dict = field(default_factory=dict)
 
-    def train_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_batch(self, step: int, batch_size: int,
+                    rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -129,8 +132,9 @@ class PackedLMData(LMData):
             indices[mask] = self._perm(int(epoch))[offsets[mask]]
         return indices
 
-    def train_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        blocks = self.train_blocks[self.block_indices(step, batch_size)]
+    def train_batch(self, step: int, batch_size: int,
+                    rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = self.train_blocks[self.block_indices(step, batch_size)[rows or slice(None)]]
         ids = torch.from_numpy(blocks.astype(np.int64))
         return ids, ids.clone()
 
@@ -175,7 +179,8 @@ class StreamingLMData(LMData):
         labels = ids.masked_fill(enc["attention_mask"] == 0, -100)
         return ids, labels
 
-    def train_batch(self, step: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_batch(self, step: int, batch_size: int,
+                    rows: slice | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         _check_step(step, batch_size)
         target = step * batch_size
         if self._iter is None or target < self._position:
@@ -189,7 +194,7 @@ class StreamingLMData(LMData):
             self._position = target
         texts = [next(self._iter)["text"] for _ in range(batch_size)]
         self._position += batch_size
-        return self.encode(texts)
+        return self.encode(texts[rows or slice(None)])
 
     def val_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         _check_step(0, batch_size)
