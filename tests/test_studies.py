@@ -18,13 +18,33 @@ def test_timing_table_merges_runs_per_scale_and_notebook(tmp_path):
                    "default,02_convergence,3600.0\n"
                    "quick,01_fixed_point,90.0\n"
                    "quick,02_convergence,120.0\n")
-    table = (tmp_path / "notebooks" / "readme_timing.md").read_text().split("\n\n", 1)[1]
+    table = (tmp_path / "notebooks" / "readme_timing.md").read_text().split("\n\n")[1]
     assert table == ("| scale | notebook | minutes |\n|---|---|---|\n"
                      "| default | 02_convergence | 60.0 |\n"
                      "| default | **all** | **60.0** |\n"
                      "| quick | 01_fixed_point | 1.5 |\n"
                      "| quick | 02_convergence | 2.0 |\n"
-                     "| quick | **all** | **3.5** |\n")
+                     "| quick | **all** | **3.5** |")
+
+
+def test_run_folders_give_the_training_time_of_a_campaign_over_several_sittings(tmp_path, monkeypatch):
+    import multinorm.studies as studies
+
+    monkeypatch.setattr(studies.os, "cpu_count", lambda: 2)
+    runs = [("convergence", "a", "completed", 3600.0, 1), ("convergence", "b", "completed", 1800.0, 2),
+            ("convergence", "c", "interrupted", 900.0, 1), ("ablations", "d", "completed", 7200.0, 1)]
+    for study, name, status, wall, threads in runs:
+        folder = tmp_path / "runs" / study / name
+        folder.mkdir(parents=True)
+        (folder / "summary.json").write_text(json.dumps({"status": status, "wall_s": wall}))
+        (folder / "config.json").write_text(json.dumps({"torch_threads": threads}))
+    table = studies.run_time_table(tmp_path).set_index("study")
+    assert table.loc["convergence", "runs"] == 2 and table.loc["convergence", "core_hours"] == pytest.approx(2.0)
+    assert table.loc["ablations", "hours"] == pytest.approx(1.0)
+    _write_timing(tmp_path, "default", {})  # a resumed sitting: no notebook timing, the runs' time all the same
+    text = (tmp_path / "notebooks" / "readme_timing.md").read_text()
+    assert "(none recorded yet)" in text and not (tmp_path / "notebooks" / "timing.csv").exists()
+    assert "| convergence | 2 | 2.00 | 1.00 |" in text and "| **all** | **3** | **4.00** | **2.00** |" in text
 
 
 def test_quick_scale_writes_to_its_own_folders_and_never_touches_readme(monkeypatch):
@@ -41,7 +61,7 @@ def test_quick_scale_writes_to_its_own_folders_and_never_touches_readme(monkeypa
     assert (scale, mode, jobs) == ("quick", "resume", 2)
     assert results_dir == studies.REPO / "results" / "quick"
     assert figures_dir == studies.REPO / "figures" / "quick"
-    assert len(calls) == 1  # a resumed (partial) run records no timing
+    assert calls[1] == ("timing", results_dir, "quick", {})  # a resumed (partial) run: only the runs' own times
 
 
 def test_default_scale_writes_results_and_readme(monkeypatch):
@@ -54,7 +74,8 @@ def test_default_scale_writes_results_and_readme(monkeypatch):
     monkeypatch.setattr(multinorm.report, "update_readme", lambda readme, results: calls.append(("readme", results)) or [])
     assert studies.main(["figures", "--reuse"]) == 0
     assert calls[0][1] == studies.REPO / "results" and calls[0][5] == "reuse"
-    assert calls[1] == ("readme", studies.REPO / "results")  # reuse mode records no timing
+    assert calls[1] == ("timing", studies.REPO / "results", "default", {})  # reuse mode: no notebook timing
+    assert calls[2] == ("readme", studies.REPO / "results")
 
 
 def test_relative_results_and_figures_dirs_are_taken_from_the_current_directory(monkeypatch, tmp_path):

@@ -107,25 +107,59 @@ def run_all(scale: str, results_dir: Path, figures_dir: Path, only: list[str] | 
     return timings
 
 
+def run_time_table(results_dir: Path) -> "pd.DataFrame":
+    """Training time recorded by the finished runs under ``<results>/runs/<study>/``, per study: the number of
+    runs, core-hours (each run's wall time x its torch threads; JOBS=2 on 2 cores runs two one-thread runs at
+    once) and the hours that makes on this machine's cores. It is summed over every sitting, so it measures a
+    campaign computed with RESUME=1 as well as one uninterrupted `make figures`."""
+    import pandas as pd
+
+    rows = []
+    for study in sorted(p for p in (results_dir / "runs").glob("*") if p.is_dir()):
+        seconds, n = 0.0, 0
+        for summary_path in study.glob("*/summary.json"):
+            summary = json.loads(summary_path.read_text())
+            config = json.loads((summary_path.parent / "config.json").read_text())
+            if summary.get("status") != "completed" or summary.get("wall_s") is None:
+                continue
+            seconds += summary["wall_s"] * config.get("torch_threads", 1)
+            n += 1
+        if n:
+            rows.append({"study": study.name, "runs": n, "core_hours": seconds / 3600,
+                         "hours": seconds / 3600 / (os.cpu_count() or 1)})
+    return pd.DataFrame(rows, columns=["study", "runs", "core_hours", "hours"])
+
+
 def _write_timing(results_dir: Path, scale: str, timings: dict[str, float]) -> None:
-    """Merge `timings` into results/notebooks/timing.csv and write the README's timing table next to it."""
+    """Merge `timings` into results/notebooks/timing.csv and write the README's timing table next to it,
+    followed by the training time the run folders record (:func:`run_time_table`)."""
     import pandas as pd
 
     path = results_dir / "notebooks" / "timing.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
     # Seconds are kept to 0.1 s; the minutes below are computed from the rounded values.
     table = pd.DataFrame({"scale": scale, "notebook": list(timings), "seconds": [round(t, 1) for t in timings.values()]})
     if path.exists():  # keep the other scales' and notebooks' last timings
         old = pd.read_csv(path, dtype={"scale": str, "notebook": str, "seconds": float})
         table = pd.concat([old[list(table.columns)], table], ignore_index=True)
     table = table.drop_duplicates(["scale", "notebook"], keep="last").sort_values(["scale", "notebook"], ignore_index=True)
-    table.to_csv(path, index=False, float_format="%.1f")
     lines = ["| scale | notebook | minutes |", "|---|---|---|"]
     for scale_, rows in table.groupby("scale", sort=True):
         lines += [f"| {scale_} | {row.notebook} | {row.seconds / 60:.1f} |" for row in rows.itertuples()]
         lines.append(f"| {scale_} | **all** | **{rows.seconds.sum() / 60:.1f}** |")
+    if table.empty:
+        lines = ["(none recorded yet)"]
+    else:
+        table.to_csv(path, index=False, float_format="%.1f")
+    runs = run_time_table(results_dir)
+    run_lines = ["| study | finished runs | core-hours | hours on " f"{os.cpu_count()} cores |", "|---|---|---|---|"]
+    run_lines += [f"| {r.study} | {r.runs} | {r.core_hours:.2f} | {r.hours:.2f} |" for r in runs.itertuples()]
+    run_lines.append(f"| **all** | **{runs.runs.sum()}** | **{runs.core_hours.sum():.2f}** | **{runs.hours.sum():.2f}** |")
     (path.parent / "readme_timing.md").write_text(
-        f"Measured wall time of `make figures` (machine with {os.cpu_count()} CPU cores):\n\n"
-        + "\n".join(lines) + "\n")
+        f"Measured wall time of `make figures` in one sitting (machine with {os.cpu_count()} CPU cores):\n\n"
+        + "\n".join(lines) + "\n\nTraining time recorded by the run folders of `results/runs/`, summed over every "
+        "sitting (a campaign continued with `RESUME=1` included; core-hours = each run's wall time × its torch "
+        "threads):\n\n" + "\n".join(run_lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     mode = "resume" if args.resume else "reuse" if args.reuse else "train"
     start = time.perf_counter()
     timings = run_all(args.scale, results_dir, figures_dir, args.only, dict(args.set), mode, args.jobs)
-    if mode == "train":  # read-back or partial runs say nothing about the time a full run takes
-        _write_timing(results_dir, args.scale, timings)
+    # read-back or partial runs say nothing about the time a full run takes; the run folders' own times are
+    # summed in every mode
+    _write_timing(results_dir, args.scale, timings if mode == "train" else {})
     if not args.no_readme and args.scale == "default" and results_dir.resolve() == (REPO / "results").resolve():
         from multinorm.report import update_readme
 
