@@ -18,6 +18,8 @@ def test_notebook_source_has_one_parameters_cell_and_no_outputs(name):
     tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
     assert len(tagged) == 1
     assert all(not c.get("outputs") and c.get("execution_count") is None for c in nb.cells if c.cell_type == "code")
+    ids = [json.loads((NOTEBOOK_DIR / f"{name}.ipynb").read_text())["cells"][i].get("id") for i in range(len(nb.cells))]
+    assert all(ids) and len(set(ids)) == len(ids)  # nbformat 4.5: every cell has its own id
     # Scale overrides may only name parameters the notebook declares.
     declared = {line.split("=")[0].strip() for line in tagged[0].source.splitlines() if "=" in line and not line.startswith(" ")}
     for scale in SCALES.values():
