@@ -44,14 +44,14 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
     "quick": {
         "01_fixed_point": {"shape_sizes": ["60m"], "swan_shape_sizes": ["60m"], "max_iters": 12,
                            "capture_tokens": 65_536},
-        "02_convergence": {"tokens": 131_072, "eval_interval": 8, "eval_tokens": 32_768,
-                           "probe_regimes": [{"vocab_size": 1024, "batch_size": 8, "tokens": 131_072}],
+        "02_convergence": {"tokens": 65_536, "eval_interval": 8, "eval_tokens": 16_384,
+                           "probe_regimes": [{"vocab_size": 1024, "batch_size": 8, "tokens": 65_536}],
                            "methods": ["adamw", "adamw-split", "frozen-hidden", "sinkgd", "swan"],
                            "lr_grids": {"adamw": [2e-3, 4e-3], "adamw-split": [5e-4, 1e-3], "frozen-hidden": [0.0],
                                         "sinkgd": [5e-4, 1e-3], "swan": [2e-3, 4e-3]},
                            "max_extensions": 1, "core_seeds": 2, "other_seeds": 2},
         "03_memory_throughput": {"measure_steps": 2, "methods": ["adamw", "sgd", "sinkgd", "swan", "muon", "apollo-mini"]},
-        "04_ablations": {"tokens": 131_072, "eval_interval": 8, "eval_tokens": 32_768, "lr_multipliers": [0.5, 1.0],
+        "04_ablations": {"tokens": 65_536, "eval_interval": 8, "eval_tokens": 16_384, "lr_multipliers": [0.5, 1.0],
                          "max_extensions": 0, "ablation_seeds": 2, "variants": ["sinkgd-L1", "swan-gradnorm-only"]},
     },
     "smoke": {
