@@ -80,6 +80,23 @@ def test_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path, monke
     assert metrics(run_dir) == metrics(tmp_path / "ref" / reference.run_id[0])
 
 
+def test_a_worker_stopped_by_a_signal_starts_no_further_run(tmp_path, monkeypatch, signal_at):
+    """What a pool worker does (``_execute(..., worker=True)``): once a signal has stopped one of its runs, the
+    runs the pool had already handed it come back as None without a folder, so the grid stops promptly."""
+    import multinorm.sweep as sweep
+
+    monkeypatch.setattr(sweep, "_signalled", False)
+    base = tiny(tmp_path, tokens=2 * 32 * 8)
+    signal_at(3)
+    cut = sweep._execute(TrainConfig(**{**base.__dict__, "run_id": "cut"}), "train", worker=True)
+    assert cut.status == "interrupted" and sweep._signalled
+    assert sweep._execute(TrainConfig(**{**base.__dict__, "run_id": "next"}), "train", worker=True) is None
+    assert not (tmp_path / "runs" / "next").exists()
+    # the caller's own process (worker=False) is not affected
+    assert sweep._execute(TrainConfig(**{**base.__dict__, "run_id": "own", "tokens": 2 * 32 * 2}), "train").status \
+        == "completed"
+
+
 def test_ctrl_c_stops_the_whole_grid_after_saving_the_current_run(tmp_path, signal_at):
     """SIGINT during the second run: that run ends "interrupted" on disk, then KeyboardInterrupt reaches
     the caller as it would without the trainer's handler, and no later run starts."""

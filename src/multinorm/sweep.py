@@ -94,9 +94,20 @@ def _action(cfg: TrainConfig, mode: str) -> tuple[str, RunResult | None]:
     return "train", None
 
 
-def _execute(cfg: TrainConfig, action: str, threads: int | None = None, keep_checkpoint: bool = True) -> RunResult:
-    """Train (or resume) one run, in the caller's process or in a worker. Study grids drop the checkpoint
-    of a finished run (their runs are read back from the metrics); a single run keeps it."""
+# Set in a worker process once a run there has stopped on a signal: the worker then starts no further run.
+# (The pool hands each worker its next run before the parent can cancel it, so the parent alone cannot stop
+# the grid promptly.)
+_signalled = False
+
+
+def _execute(cfg: TrainConfig, action: str, threads: int | None = None, keep_checkpoint: bool = True,
+             worker: bool = False) -> RunResult | None:
+    """Train (or resume) one run, in the caller's process or in a worker (``worker=True``: None, and no run,
+    once a signal has stopped a run of this worker). Study grids drop the checkpoint of a finished run (their
+    runs are read back from the metrics); a single run keeps it."""
+    global _signalled
+    if worker and _signalled:
+        return None
     if threads is not None:
         import torch
 
@@ -104,6 +115,8 @@ def _execute(cfg: TrainConfig, action: str, threads: int | None = None, keep_che
     result = train(cfg, resume=action == "resume", overwrite=action == "train")
     if not keep_checkpoint and result.status in _FINISHED:
         (result.run_dir / "checkpoint.pt").unlink(missing_ok=True)
+    if worker and result.status == "interrupted":
+        _signalled = True
     return result
 
 
@@ -174,16 +187,17 @@ def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
             with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
-                futures = {pool.submit(_execute, planned[i][0], actions[i][0], threads, False): i for i in todo}
+                futures = {pool.submit(_execute, planned[i][0], actions[i][0], threads, False, True): i
+                           for i in todo}
                 try:
                     for future in as_completed(futures):
                         i = futures[future]
                         results[i] = future.result()
+                        if results[i] is None or results[i].status == "interrupted":  # a signal reached a worker
+                            pool.shutdown(wait=True, cancel_futures=True)  # start no new run
+                            break
                         bar.set_postfix_str(planned[i][0].run_id)
                         bar.update(1)
-                        if results[i].status == "interrupted":  # a signal reached a worker: start no new run
-                            pool.shutdown(wait=True, cancel_futures=True)
-                            break
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
