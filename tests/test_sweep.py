@@ -116,7 +116,7 @@ def test_ctrl_c_stops_the_whole_grid_after_saving_the_current_run(tmp_path, sign
 
 def test_parallel_workers_give_the_same_runs(tmp_path):
     base = tiny(tmp_path, run_id=None)
-    grid = [{"lr": 1e-3}, {"lr": 2e-3, "seed": 1}, {"optimizer": "sinkgd", "lr": 1e-3, "hparams": {"adam_lr": 1e-3}}]
+    grid = [{"lr": 2e-3, "seed": 1}, {"optimizer": "sinkgd", "lr": 1e-3, "hparams": {"adam_lr": 1e-3}}]
     serial = run_grid(base, grid, tmp_path / "serial", progress=False)
     parallel = run_grid(base, grid, tmp_path / "parallel", jobs=2, progress=False)
     assert list(parallel.run_id) == list(serial.run_id)
