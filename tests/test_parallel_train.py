@@ -63,19 +63,24 @@ def assert_matches(rows, reference, upto=None):
 
 
 @pytest.mark.slow
-def test_ddp_run_stopped_by_a_signal_resumes_under_fsdp_and_in_one_process(tmp_path, reference):
-    """DDP on 2 ranks logs the one-process losses; SIGTERM on rank 1 alone stops both ranks after the same
-    step with a sharded checkpoint; resumed by 2 FSDP2 ranks, and by a single process from a copy, each
-    run ends with the metrics of the uninterrupted one-process run."""
+def test_a_run_moves_from_one_process_to_ddp_to_fsdp_and_back(tmp_path, reference, signal_at):
+    """One chain through every checkpoint layout, each leg ending with the uninterrupted one-process run's
+    metrics: a single-process run stopped by SIGTERM after step 6 continues on 2 DDP ranks from its
+    checkpoint.pt; SIGTERM on rank 1 alone stops both ranks after the same step with a sharded checkpoint
+    (the newer layout is kept, the older removed); 2 FSDP2 ranks resume that to the end, and so does a single
+    process from a copy of it."""
     cfg = config(tmp_path, run_id="cut")
     run_dir = Path(cfg.results_dir) / "cut"
-    stopped = torchrun([*cli_args(cfg), "--parallel", "ddp"], script=SIGNALLED,
+    signal_at(step=5)
+    assert train(cfg).status == "interrupted"
+    assert (run_dir / "checkpoint.pt").exists()
+
+    stopped = torchrun([*cli_args(cfg), "--parallel", "ddp", "--resume"], script=SIGNALLED,
                        env={"SIGNAL_RANK": "1", "SIGNAL_AT_STEP": "10"})
     assert stopped.returncode != 0, stopped.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps_done"] == 11, summary
     assert (run_dir / "checkpoint.dcp" / "trainer.pt").exists() and not (run_dir / "checkpoint.pt").exists()
-    assert json.loads((run_dir / "config.json").read_text())["processes"] == 2
     assert_matches(read_metrics(run_dir), reference, upto=11)
     shutil.copytree(run_dir, tmp_path / "runs" / "alone")
 
@@ -88,19 +93,6 @@ def test_ddp_run_stopped_by_a_signal_resumes_under_fsdp_and_in_one_process(tmp_p
     assert alone.status == "completed"
     assert_matches(read_metrics(alone.run_dir), reference)
     assert (alone.run_dir / "checkpoint.pt").exists() and not (alone.run_dir / "checkpoint.dcp").exists()
-
-
-@pytest.mark.slow
-def test_a_one_process_checkpoint_resumes_on_two_ranks(tmp_path, reference, signal_at):
-    """A single-process run stopped by SIGTERM after step 6 continues on 2 DDP ranks from its checkpoint.pt."""
-    cfg = config(tmp_path, run_id="grow")
-    signal_at(step=5)
-    assert train(cfg).status == "interrupted"
-    resumed = torchrun([*cli_args(cfg), "--resume"])  # DDP: the default with several processes
-    assert resumed.returncode == 0, resumed.stderr
-    run_dir = Path(cfg.results_dir) / "grow"
-    assert_matches(read_metrics(run_dir), reference)
-    assert (run_dir / "checkpoint.dcp").exists() and not (run_dir / "checkpoint.pt").exists()  # the newer kept
 
 
 def test_parallel_modes_need_torchrun(capsys, monkeypatch):
