@@ -2,6 +2,7 @@
 recorded tables that reuse mode reads back."""
 
 import json
+import os
 
 import pytest
 
@@ -116,3 +117,18 @@ def test_pandas_reads_back_the_floats_it_wrote(tmp_path):
     back = pd.read_csv(tmp_path / "t.csv")
     assert back.x.to_numpy().tobytes() == values.tobytes()
     pd.testing.assert_frame_equal(back, frame)
+
+
+def test_notebook_kernels_report_finished_runs_to_the_terminal(tmp_path, monkeypatch):
+    """The kernel of each notebook inherits `$MULTINORM_RUN_LOG`, so its grids print a line per finished run
+    (`multinorm.sweep`); the caller's environment is left as it was."""
+    import papermill
+
+    import multinorm.studies as studies
+    from multinorm.sweep import RUN_LOG_ENV
+
+    monkeypatch.delenv(RUN_LOG_ENV, raising=False)
+    seen = []
+    monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: seen.append(os.environ.get(RUN_LOG_ENV)))
+    studies.run_notebook("02_convergence", {}, tmp_path)
+    assert seen == ["1"] and RUN_LOG_ENV not in os.environ

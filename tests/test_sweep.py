@@ -1,11 +1,13 @@
 """Study grids: run identity by configuration, the train/resume/reuse modes, parallel workers, Ctrl-C."""
 
+import io
 import json
 import signal
+import sys
 
 import pytest
 
-from multinorm.sweep import MissingRunsError, config_key, load_runs, run_grid, run_one
+from multinorm.sweep import RUN_LOG_ENV, MissingRunsError, config_key, load_runs, run_grid, run_one
 from multinorm.train import TrainConfig
 
 VOLATILE = {"tokens_per_s", "wall_s", "peak_memory_bytes"}
@@ -33,7 +35,7 @@ def test_config_key_follows_what_a_run_computes_not_how_it_is_kept(tmp_path):
         assert config_key(tiny(tmp_path, **change)) != config_key(cfg), change
 
 
-def test_modes_train_resume_and_reuse(tmp_path):
+def test_modes_train_resume_and_reuse(tmp_path, monkeypatch):
     base = tiny(tmp_path, run_id=None)
     grid = [{"lr": 1e-3}, {"lr": 1e-3, "tag": "again"}, {"optimizer": "sgd", "lr": 1e12, "warmup_frac": 0.0}]
     table = run_grid(base, grid, tmp_path / "grid", progress=False)
@@ -51,8 +53,15 @@ def test_modes_train_resume_and_reuse(tmp_path):
     # A changed setting is another run: missing in reuse mode, trained in resume mode.
     with pytest.raises(MissingRunsError, match="1 run"):
         run_grid(base, [{"lr": 1e-3}, {"lr": 5e-4}], tmp_path / "grid", mode="reuse", progress=False)
+    # Under `multinorm.studies` (the variable set) each finished run is also a line on the original stderr,
+    # which a notebook kernel passes on to the terminal of `make figures`.
+    monkeypatch.setenv(RUN_LOG_ENV, "1")
+    monkeypatch.setattr(sys, "__stderr__", terminal := io.StringIO())
     more = run_grid(base, [{"lr": 1e-3}, {"lr": 5e-4}], tmp_path / "grid", mode="resume", progress=False)
     assert list(more.status) == ["completed", "completed"]
+    plan, finished = terminal.getvalue().splitlines()
+    assert plan.endswith("grid: 2 runs, 1 recorded, 1 to train")
+    assert f"grid: 2/2 {more.run_id[1]} completed, val loss {more.final_val_loss[1]:.4f}; grid done" in finished
     assert set(load_runs(tmp_path / "grid").run_id) == set(table.run_id) | set(more.run_id)
     assert sorted(load_runs(tmp_path / "grid").tag) == ["", "", "", "again"]
 

@@ -77,12 +77,22 @@ def run_notebook(name: str, parameters: dict[str, Any], output_dir: Path, cwd: P
     """Execute `notebooks/<name>.ipynb` with `parameters`; write the executed copy; return seconds taken."""
     import papermill
 
+    from multinorm.sweep import RUN_LOG_ENV
+
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    papermill.execute_notebook(
-        str(REPO / "notebooks" / f"{name}.ipynb"), str(output_dir / f"{name}.ipynb"),
-        parameters=parameters, kernel_name="python3", cwd=str(cwd), progress_bar=False,
-        log_output=False, request_save_on_cell_execute=False)
+    previous = os.environ.get(RUN_LOG_ENV)
+    os.environ[RUN_LOG_ENV] = "1"  # the kernel inherits it: its grids report each finished run here
+    try:
+        papermill.execute_notebook(
+            str(REPO / "notebooks" / f"{name}.ipynb"), str(output_dir / f"{name}.ipynb"),
+            parameters=parameters, kernel_name="python3", cwd=str(cwd), progress_bar=False,
+            log_output=False, request_save_on_cell_execute=False)
+    finally:
+        if previous is None:
+            os.environ.pop(RUN_LOG_ENV)
+        else:
+            os.environ[RUN_LOG_ENV] = previous
     return time.perf_counter() - start
 
 

@@ -24,6 +24,8 @@ import json
 import math
 import os
 import signal
+import sys
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -46,6 +48,10 @@ _BOOKKEEPING = {"save_checkpoint", "checkpoint_interval", "progress", "results_d
 _FINISHED = {"completed", "diverged"}
 # Study runs checkpoint this many times, so an interrupted campaign loses at most a quarter of a run.
 _CHECKPOINTS_PER_RUN = 4
+# Set (to anything) by `multinorm.studies` for the notebook kernels it starts: a grid then also reports each
+# finished run as a line on the process's original stderr. A kernel draws tqdm as a widget in the notebook,
+# so without these lines an hours-long `make figures` shows nothing in its terminal or log.
+RUN_LOG_ENV = "MULTINORM_RUN_LOG"
 
 
 class MissingRunsError(RuntimeError):
@@ -154,6 +160,30 @@ def _configs(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str
     return out
 
 
+class _RunLog:
+    """One line per grid event on ``sys.__stderr__`` (the terminal, even from a notebook kernel), if
+    ``$MULTINORM_RUN_LOG`` is set: the plan, then each finished run with an estimate of the time left."""
+
+    def __init__(self, name: str, total: int, todo: int, jobs: int):
+        self.enabled = bool(os.environ.get(RUN_LOG_ENV))
+        self.name, self.total, self.todo, self.done, self.start = name, total, todo, 0, time.monotonic()
+        self.write(f"{total} runs, {total - todo} recorded, {todo} to train"
+                   + (f" in {jobs} workers" if jobs > 1 and todo > 1 else ""))
+
+    def write(self, message: str) -> None:
+        if self.enabled and sys.__stderr__ is not None:
+            print(f"[{time.strftime('%H:%M:%S')}] {self.name}: {message}", file=sys.__stderr__, flush=True)
+
+    def finished(self, cfg: TrainConfig, result: RunResult) -> None:
+        self.done += 1
+        loss = result.summary.get("final_val_loss")
+        left = self.todo - self.done
+        eta = (time.monotonic() - self.start) / self.done * left / 60
+        self.write(f"{self.total - left}/{self.total} {cfg.run_id} {result.status}"
+                   + (f", val loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
+                   + (f"; {left} to go, about {eta:.0f} min" if left else "; grid done"))
+
+
 def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str | Path, *,
              mode: str = "train", jobs: int = 1, progress: bool = True) -> pd.DataFrame:
     """Run every override in `grid` on top of `base` in `mode`; return one summary row per run, in grid order.
@@ -177,12 +207,14 @@ def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str
     todo = [i for i, (action, _) in enumerate(actions) if action in ("train", "resume")]
     bar = tqdm(total=len(planned), initial=len(planned) - len(todo), desc=Path(results_dir).name, unit="run",
                disable=not progress, dynamic_ncols=True)
+    log = _RunLog(Path(results_dir).name, len(planned), len(todo), jobs)
     try:
         if jobs == 1 or len(todo) <= 1:
             for i in todo:
                 bar.set_postfix_str(planned[i][0].run_id)
                 results[i] = _execute(planned[i][0], actions[i][0], keep_checkpoint=False)
                 _reraise_interrupt(results[i])
+                log.finished(planned[i][0], results[i])
                 bar.update(1)
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -196,6 +228,7 @@ def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str
                         if results[i] is None or results[i].status == "interrupted":  # a signal reached a worker
                             pool.shutdown(wait=True, cancel_futures=True)  # start no new run
                             break
+                        log.finished(planned[i][0], results[i])
                         bar.set_postfix_str(planned[i][0].run_id)
                         bar.update(1)
                 except BaseException:
