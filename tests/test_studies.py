@@ -132,3 +132,25 @@ def test_notebook_kernels_report_finished_runs_to_the_terminal(tmp_path, monkeyp
     monkeypatch.setattr(papermill, "execute_notebook", lambda *a, **k: seen.append(os.environ.get(RUN_LOG_ENV)))
     studies.run_notebook("02_convergence", {}, tmp_path)
     assert seen == ["1"] and RUN_LOG_ENV not in os.environ
+
+
+def test_status_lists_finished_and_unfinished_runs(tmp_path, capsys):
+    import multinorm.studies as studies
+
+    def run(name, summary, steps_logged):
+        folder = tmp_path / "runs" / "convergence" / name
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps({"steps": 768, "torch_threads": 1}))
+        (folder / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in steps_logged))
+        if summary:
+            (folder / "summary.json").write_text(json.dumps(summary))
+
+    run("done", {"status": "completed", "wall_s": 3600.0}, [64, 768])
+    run("stopped", {"status": "interrupted", "wall_s": 60.0}, [64, 128])
+    run("starting", None, [])
+    assert studies.main(["status", "--results-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[1:] == ["  convergence: 1 finished runs, 1.00 core-hours",
+                       "  2 unfinished (make figures RESUME=1 continues them from their checkpoints):",
+                       "    convergence/starting: last logged step 0 of 768",
+                       "    convergence/stopped: last logged step 128 of 768"]

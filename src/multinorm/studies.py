@@ -5,6 +5,7 @@
     python -m multinorm.studies figures --reuse           # redraw everything from the recorded results, train nothing
     python -m multinorm.studies figures --scale quick     # smaller budgets, into results/quick/, figures/quick/
     python -m multinorm.studies smoke                     # tiny parameters, into a temporary folder
+    python -m multinorm.studies status                    # finished and unfinished runs of a campaign so far
     python -m multinorm.studies figures --only 02_convergence --set device=cuda --set dataset=c4
 
 Each notebook's `parameters` cell holds its default-scale values; a scale only overrides some of
@@ -33,7 +34,7 @@ from typing import Any
 from multinorm.io import parse_assignment
 from multinorm.paths import repo_root
 
-__all__ = ["NOTEBOOKS", "SCALES", "run_notebook", "run_all", "main"]
+__all__ = ["NOTEBOOKS", "SCALES", "run_notebook", "run_all", "run_time_table", "unfinished_runs", "main"]
 
 REPO = repo_root()
 NOTEBOOKS = ("01_fixed_point", "02_convergence", "03_memory_throughput", "04_ablations")
@@ -140,6 +141,41 @@ def run_time_table(results_dir: Path) -> "pd.DataFrame":
     return pd.DataFrame(rows, columns=["study", "runs", "core_hours", "hours"])
 
 
+def unfinished_runs(results_dir: Path) -> "pd.DataFrame":
+    """The study runs under ``<results>/runs/<study>/`` that have not finished (interrupted, or training now):
+    the step they have logged and the step count they train for. `make figures RESUME=1` continues them from
+    their last checkpoint."""
+    import pandas as pd
+
+    rows = []
+    for config_path in sorted((results_dir / "runs").glob("*/*/config.json")):
+        run_dir = config_path.parent
+        summary_path = run_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+        if summary.get("status") in ("completed", "diverged"):
+            continue
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+        rows.append({"study": run_dir.parent.name, "run": run_dir.name,
+                     "step": json.loads(lines[-1])["step"] if lines else 0,
+                     "steps": json.loads(config_path.read_text()).get("steps"),
+                     "status": summary.get("status", "started")})
+    return pd.DataFrame(rows, columns=["study", "run", "step", "steps", "status"])
+
+
+def status(results_dir: Path) -> str:
+    """What `python -m multinorm.studies status` prints: finished runs and their training time per study,
+    then every unfinished run."""
+    finished, unfinished = run_time_table(results_dir), unfinished_runs(results_dir)
+    lines = [f"{results_dir / 'runs'}:"]
+    lines += [f"  {r.study}: {r.runs} finished runs, {r.core_hours:.2f} core-hours" for r in finished.itertuples()]
+    if unfinished.empty:
+        lines.append("  no unfinished run")
+    else:
+        lines.append(f"  {len(unfinished)} unfinished (make figures RESUME=1 continues them from their checkpoints):")
+        lines += [f"    {r.study}/{r.run}: last logged step {r.step} of {r.steps}" for r in unfinished.itertuples()]
+    return "\n".join(lines)
+
+
 def _write_timing(results_dir: Path, scale: str, timings: dict[str, float]) -> None:
     """Merge `timings` into results/notebooks/timing.csv and write the README's timing table next to it,
     followed by the training time the run folders record (:func:`run_time_table`)."""
@@ -200,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="do not rewrite README's results sections (only the default scale in results/ ever does)")
     smoke = sub.add_parser("smoke", help="run every notebook with tiny parameters into a temporary folder")
     smoke.add_argument("--keep", action="store_true", help="print and keep the temporary folder")
+    stat = sub.add_parser("status", help="list the finished and unfinished runs of the studies so far")
+    stat.add_argument("--results-dir", default=None, help="the results folder (default: results/)")
     args = parser.parse_args(argv)
 
     os.environ.setdefault("PYTHONHASHSEED", "0")
@@ -210,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep:
             import shutil
             shutil.rmtree(tmp, ignore_errors=True)
+        return 0
+
+    if args.command == "status":
+        print(status(Path(args.results_dir).absolute() if args.results_dir else REPO / "results"))
         return 0
 
     if args.jobs < 1:
