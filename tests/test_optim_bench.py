@@ -249,3 +249,40 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
 
     again = bench.main(["--targets-only", "--out", str(tmp_path)])
     assert again["status"].tolist() == targets["status"].tolist()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# runs at once (make figures JOBS=N)
+
+
+def test_job_counts_divide_the_cores():
+    from multinorm.bench.jobs import job_counts
+
+    assert job_counts(1) == [1] and job_counts(2) == [1, 2] and job_counts(12) == [1, 2, 3, 4, 6, 12]
+
+
+def test_jobs_probe_sums_the_rates_of_runs_started_together(monkeypatch, data_cache_root):
+    """The probe's plumbing with threads standing in for processes (same Barrier/Queue/Process interface):
+    every worker count that divides the cores, each worker timing its own steps after the common start."""
+    import queue
+    import threading
+    from types import SimpleNamespace
+
+    from multinorm.bench import jobs
+    from multinorm.bench.training import TrainSetup
+
+    threads_seen = []
+    real = jobs.run_steps
+    monkeypatch.setattr(jobs, "run_steps", lambda setup, threads, *a, **k: threads_seen.append(threads)
+                        or real(setup, 1, *a, **k))
+    monkeypatch.setattr(jobs, "get_context", lambda method: SimpleNamespace(
+        Barrier=threading.Barrier, Queue=queue.Queue, Process=threading.Thread))
+    setup = TrainSetup(batch_size=2, seq_len=32, eval_tokens=32 * 8)
+    rows = jobs.jobs_throughput(setup, steps=2, data_dir=str(data_cache_root), cores=2, log=lambda msg: None)
+    assert sorted(threads_seen) == [1, 1, 2]  # JOBS=1 with 2 threads, JOBS=2 with one each
+    assert [(r["jobs"], r["threads_per_run"]) for r in rows] == [(1, 2), (2, 1)]
+    assert rows[0]["ratio"] == 1 and rows[1]["ratio"] == pytest.approx(rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"])
+    assert rows[1]["tokens_per_s_min_run"] <= rows[1]["tokens_per_s"] / 2 <= rows[1]["tokens_per_s_max_run"]
+    text = summary_markdown({"jobs_throughput": pd.DataFrame(rows)}, pd.DataFrame(
+        columns=["target", "measured", "threshold", "status"]), {})
+    assert "JOBS=1 (2 thread(s) each)" in text and "JOBS=2 (1 thread(s) each)" in text and "Fastest here: JOBS=" in text

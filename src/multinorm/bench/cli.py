@@ -17,6 +17,7 @@ from .measure import dump_json, environment, memory_bandwidth
 from .steps import (BANDWIDTH_COLUMNS, FLOOR_COLUMNS, GPU_SETTINGS, SETTINGS, STEP_COLUMNS, bench_setting,
                     method_names, unmeasured_rows)
 from .targets import evaluate_targets, read_tables, summary_markdown
+from .jobs import JOBS_COLUMNS, jobs_throughput
 from .training import PROFILE_COLUMNS, THROUGHPUT_COLUMNS, TrainSetup, make_loops, train_profile, train_throughput
 
 __all__ = ["main", "parse_args"]
@@ -26,11 +27,11 @@ TRAIN_OPTIMIZERS = ("adamw", "sinkgd", "swan")
 QUICK_METHODS = ("adamw-foreach", "adamw-fused", "sgd", "sinkgd", "swan")
 QUICK_TRAIN_OPTIMIZERS = ("adamw", "sinkgd")
 RAW_COLUMNS = ["table", "setting", "device", "dtype", "comparison", "round", "name", "seconds", "calls"]
-INT_COLUMNS = {"threads", "matrices", "params", "rounds", "state_bytes", "peak_extra_bytes", "host_syncs", "bytes",
+INT_COLUMNS = {"cores", "jobs", "threads_per_run", "steps", "threads", "matrices", "params", "rounds", "state_bytes", "peak_extra_bytes", "host_syncs", "bytes",
                "matmul_n", "vocab_size", "batch_size", "seq_len", "steps_profiled", "round", "calls"}
 # option: (full run, --quick); None in the parsed arguments means "not given"
 DEFAULTS = {"rounds": (7, 2), "slow_rounds": (3, 2), "min_run_time": (0.2, 0.01), "bandwidth_mib": (1024, 32),
-            "profile_steps": (4, 2)}
+            "profile_steps": (4, 2), "jobs_steps": (20, 0)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="skip the optimizer-step part (its CSVs in --out are left as they are)")
     p.add_argument("--skip-train", action="store_true",
                    help="skip the nano training throughput and profile (their CSVs in --out are left as they are)")
+    p.add_argument("--jobs-steps", type=int, default=None,
+                   help="timed training steps per run when measuring how many runs to train at once on this "
+                        "machine's cores (make figures JOBS=N; jobs_throughput.csv); 0 skips it (default 20; "
+                        "--quick 0). Runs without the other parts with --skip-steps --skip-train")
     p.add_argument("--profile-steps", type=int, default=None,
                    help="training steps profiled per optimizer (default 4; --quick 2)")
     p.add_argument("--bandwidth-mib", type=int, default=None,
@@ -239,6 +244,11 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
         _run_steps(args, devices, env, out, log)
     if not args.skip_train:
         _run_training(args, devices, out, log)
+    if args.jobs_steps > 0:
+        log(f"== runs at once: {args.jobs_steps} AdamW training steps per run, for every worker count that "
+            "divides the cores")
+        rows = jobs_throughput(TrainSetup(), args.jobs_steps, args.data_dir, log=log)
+        _write_csv(_frame(rows, JOBS_COLUMNS), out / "jobs_throughput.csv")
     env["wall_s"] = round(time.perf_counter() - started, 1)
     atomic_write(env_path, dump_json(env))
     targets = _report(out, env)

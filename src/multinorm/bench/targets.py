@@ -16,7 +16,7 @@ import pandas as pd
 __all__ = ["Target", "TARGETS", "TABLES", "bandwidth_bound", "evaluate_targets", "read_tables", "summary_markdown"]
 
 # file stem -> what it holds (every table the targets or the summary read)
-TABLES = ("optimizer_step", "compute_floor", "bandwidth", "train_throughput", "train_profile")
+TABLES = ("optimizer_step", "compute_floor", "bandwidth", "train_throughput", "train_profile", "jobs_throughput")
 _OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
 
 
@@ -147,4 +147,13 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
         parts = [f"{r.device} {r.dtype} {r.optimizer} {r.tokens_per_s:,.0f} ({_fmt(r.ratio, '.3f')}x {r.baseline}, "
                  f"{_fmt(r.ratio_min, '.3f')}-{_fmt(r.ratio_max, '.3f')})" for r in throughput.itertuples()]
         lines += ["**Training tokens/s**: " + "; ".join(parts) + ".", ""]
+    jobs = tables.get("jobs_throughput")
+    if jobs is not None and not jobs.empty:
+        best = jobs.loc[jobs["tokens_per_s"].idxmax()]
+        parts = [f"JOBS={r.jobs} ({r.threads_per_run} thread(s) each) {r.tokens_per_s:,.0f} ({r.ratio:.2f}x)"
+                 for r in jobs.itertuples()]
+        lines += [f"**Runs at once** (`make figures JOBS=N`; AdamW training steps of `{best['model']}`, "
+                  f"{best['batch_size']} x {best['seq_len']} tokens, all runs started together, tokens/s summed "
+                  f"over the {int(best['cores'])} cores): " + "; ".join(parts)
+                  + f". Fastest here: JOBS={best['jobs']}.", ""]
     return "\n".join(lines).rstrip() + "\n"
