@@ -57,8 +57,8 @@ MODELS = ("nano", "micro")                             # the CPU-sized models
 class Settings:
     """One short run. The widgets set the first block; the second is fixed by the notebook's parameters.
 
-    Defaults: nano on wiki-sample at the convergence study's vocabulary and sequence length, 32 steps of
-    16 x 256 tokens (131k tokens) and 5 evaluations on 8k tokens: under a minute on 2 CPU cores, start-up included.
+    Defaults: nano on wiki-sample at the convergence study's vocabulary, batch and sequence length, 64 steps of
+    8 x 256 tokens (131k tokens) and 5 evaluations on 8k tokens: under a minute on 2 CPU cores, start-up included.
     """
 
     optimizer: str = "sinkgd"
@@ -67,14 +67,14 @@ class Settings:
     iters: int = 5            # SR-Sinkhorn passes L (sinkgd, mngd)
     gradnorm: bool = True     # SWAN's GradNorm stage (swan, swan-nsds)
     whiten: bool = True       # SWAN's whitening stage (swan, swan-nsds)
-    steps: int = 32
-    batch_size: int = 16
+    steps: int = 64
+    batch_size: int = 8
     seed: int = 0
     model: str = "nano"
 
     seq_len: int = 256
     vocab_size: int = 1024
-    eval_interval: int = 8
+    eval_interval: int = 16
     eval_tokens: int = 8_192
     eval_batch_size: int = 16
     extra_hparams: dict[str, Any] = field(default_factory=dict)  # e.g. the study's tuned adam_betas
