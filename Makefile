@@ -4,13 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 SCALE  ?= default
-JOBS   ?= 1
+JOBS   ?=
 TEST_WORKERS ?= auto
 RESUME ?=
 REUSE  ?=
 ARGS   ?=
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
-FIGURE_FLAGS := --scale $(SCALE) --jobs $(JOBS) $(if $(RESUME),--resume) $(if $(REUSE),--reuse) $(ARGS)
+FIGURE_FLAGS := --scale $(SCALE) $(if $(JOBS),--jobs $(JOBS)) $(if $(RESUME),--resume) $(if $(REUSE),--reuse) $(ARGS)
 
 .DEFAULT_GOAL := help
 .PHONY: help setup test smoke figures lab e2e bench data demo clean
@@ -18,9 +18,9 @@ FIGURE_FLAGS := --scale $(SCALE) --jobs $(JOBS) $(if $(RESUME),--resume) $(if $(
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
 	@echo "  figures variables: SCALE=default|quick (quick: into results/quick/, figures/quick/), JOBS=N (runs trained"
-	@echo "    in parallel), RESUME=1 (train only missing or unfinished runs), REUSE=1 (train and measure nothing: redraw"
-	@echo "    every figure and README section from the recorded results), ARGS='...' (more options of"
-	@echo "    python -m multinorm.studies figures: --only NOTEBOOK..., --set KEY=VALUE (a notebook parameter),"
+	@echo "    in parallel; default one per core, at most 8), RESUME=1 (train only missing or unfinished runs), REUSE=1"
+	@echo "    (train and measure nothing: redraw every figure and README section from the recorded results),"
+	@echo "    ARGS='...' (more options of python -m multinorm.studies figures: --only NOTEBOOK..., --set KEY=VALUE (a notebook parameter),"
 	@echo "    --results-dir DIR, --figures-dir DIR, --no-readme (leave README alone); see its --help)"
 	@echo "  other variables: TEST_WORKERS=auto|N (pytest-xdist), PYTHON=python3 (venv interpreter)"
 

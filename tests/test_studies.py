@@ -154,3 +154,18 @@ def test_status_lists_finished_and_unfinished_runs(tmp_path, capsys):
                        "  2 unfinished (make figures RESUME=1 continues them from their checkpoints):",
                        "    convergence/starting: last logged step 0 of 768",
                        "    convergence/stopped: last logged step 128 of 768"]
+
+
+def test_jobs_default_to_one_run_per_core_on_the_cpu_and_one_on_a_gpu(monkeypatch):
+    import multinorm.studies as studies
+
+    calls = []
+    monkeypatch.setattr(studies, "run_all", lambda *args: calls.append(args) or {})
+    monkeypatch.setattr(studies, "_write_timing", lambda *args: None)
+    monkeypatch.setattr(studies.os, "cpu_count", lambda: 2)
+    for argv, jobs in ((["--reuse", "--no-readme"], 2), (["--reuse", "--no-readme", "--set", "device=cuda"], 1),
+                       (["--reuse", "--no-readme", "--jobs", "3"], 3)):
+        assert studies.main(["figures", *argv]) == 0
+        assert calls.pop()[6] == jobs, argv
+    monkeypatch.setattr(studies.os, "cpu_count", lambda: 64)
+    assert studies.default_jobs({}) == studies.MAX_DEFAULT_JOBS

@@ -34,7 +34,7 @@ from typing import Any
 from multinorm.io import parse_assignment
 from multinorm.paths import repo_root
 
-__all__ = ["NOTEBOOKS", "SCALES", "run_notebook", "run_all", "run_time_table", "unfinished_runs", "main"]
+__all__ = ["NOTEBOOKS", "SCALES", "default_jobs", "run_notebook", "run_all", "run_time_table", "unfinished_runs", "main"]
 
 REPO = repo_root()
 NOTEBOOKS = ("01_fixed_point", "02_convergence", "03_memory_throughput", "04_ablations")
@@ -72,6 +72,20 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
                          "eval_tokens": 32 * 8, "variants": ["sinkgd-L1", "swan-gradnorm-only"]},
     },
 }
+
+
+# `--jobs` when not given: one single-thread run per core on the CPU, up to this many at once.
+MAX_DEFAULT_JOBS = 8
+
+
+def default_jobs(overrides: dict[str, Any] | None = None) -> int:
+    """Runs trained at once when ``--jobs`` is not given: one per core (at most ``MAX_DEFAULT_JOBS``), each
+    with one torch thread, because at the studies' model size several one-thread runs train more tokens per
+    second in total than one run using every core (``make bench`` measures it: ``jobs_throughput.csv``); 1
+    when the notebooks train on a GPU (``--set device=cuda``), which one run at a time uses best."""
+    if str((overrides or {}).get("device", "cpu")).startswith("cuda"):
+        return 1
+    return max(1, min(os.cpu_count() or 1, MAX_DEFAULT_JOBS))
 
 
 def run_notebook(name: str, parameters: dict[str, Any], output_dir: Path, cwd: Path = REPO) -> float:
@@ -224,8 +238,9 @@ def main(argv: list[str] | None = None) -> int:
     modes.add_argument("--reuse", action="store_true",
                        help="train and measure nothing: redraw every figure and table from the finished runs and "
                             "recorded tables in the results folder")
-    fig.add_argument("--jobs", type=int, default=1, help="runs trained in parallel worker processes (threads per "
-                                                         "run: cores / jobs)")
+    fig.add_argument("--jobs", type=int, default=None,
+                     help="runs trained in parallel worker processes, each with cores / jobs torch threads "
+                          f"(default: one per core, at most {MAX_DEFAULT_JOBS}; 1 with --set device=cuda)")
     fig.add_argument("--results-dir", default=None,
                      help="where CSVs, runs and executed notebooks go (default: results/, or results/<scale>/ for "
                           "a scale other than default)")
@@ -254,6 +269,8 @@ def main(argv: list[str] | None = None) -> int:
         print(status(Path(args.results_dir).absolute() if args.results_dir else REPO / "results"))
         return 0
 
+    if args.jobs is None:
+        args.jobs = default_jobs(dict(args.set))
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
     sub_dir = "" if args.scale == "default" else args.scale  # other scales never overwrite the committed ones
