@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
@@ -246,6 +247,10 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert targets["status"].iloc[-1] == "not measured"
     assert (tmp_path / "environment.json").exists() and "Targets" in (tmp_path / "readme_bench.md").read_text()
+    env = json.loads((tmp_path / "environment.json").read_text())
+    assert set(env["measured"]) == {"optimizer steps", "training"}  # --quick skips the runs-at-once part
+    assert f"Measured (optimizer steps {env['date'][:10]}; training {env['date'][:10]})" in (
+        tmp_path / "readme_bench.md").read_text()
 
     again = bench.main(["--targets-only", "--out", str(tmp_path)])
     assert again["status"].tolist() == targets["status"].tolist()

@@ -236,6 +236,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     torch.set_num_threads(args.threads)
     env = environment(argv) | {"quick": args.quick, "rounds": args.rounds, "slow_rounds": args.slow_rounds,
                            "min_run_time_s": args.min_run_time}
+    # when each part's tables were last measured: a run that skips a part keeps that part's older tables
+    previous = json.loads(env_path.read_text()) if env_path.exists() else {}
+    env["measured"] = dict(previous.get("measured", {}))
+    env["measured"].update({part: env["date"] for part, run in (("optimizer steps", not args.skip_steps),
+                                                                ("training", not args.skip_train),
+                                                                ("runs at once", args.jobs_steps > 0)) if run})
     log(f"{env['cpu']}; {env['available_cores']} core(s) available; torch {env['torch']}, {env['torch_threads']} "
         f"thread(s), BLAS {env['blas']}; GPU {env['gpu'] or 'none'}; load average {env['load_average']}")
     env["memory_bandwidth"] = _machine_bandwidth(devices, args, log)

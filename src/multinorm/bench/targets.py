@@ -114,7 +114,9 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
     lines = ["<!-- written by `python -m multinorm.bench`; edits are overwritten -->"]
     if env.get("quick"):
         lines.append("**Quick run (tiny sizes): these numbers do not measure the targets.**\n")
-    lines.append(f"Measured {env.get('date', '?')} on {env.get('cpu', '?')} ({env.get('torch_threads', '?')} torch "
+    parts = env.get("measured") or {}
+    when = ("; ".join(f"{part} {date[:10]}" for part, date in parts.items()) if parts else env.get("date", "?"))
+    lines.append(f"Measured ({when}) on {env.get('cpu', '?')} ({env.get('torch_threads', '?')} torch "
                  f"thread(s); GPU: {env.get('gpu') or 'none'}), torch {env.get('torch', '?')}. Ratios are medians "
                  f"of per-round ratios of interleaved measurements; ranges are min-max over rounds.\n")
     shown = targets.assign(measured=[_fmt(v, ".3g") for v in targets["measured"]])
