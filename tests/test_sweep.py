@@ -89,21 +89,47 @@ def test_resume_continues_an_interrupted_run_from_its_checkpoint(tmp_path, monke
     assert metrics(run_dir) == metrics(tmp_path / "ref" / reference.run_id[0])
 
 
-def test_a_worker_stopped_by_a_signal_starts_no_further_run(tmp_path, monkeypatch, signal_at):
-    """What a pool worker does (``_execute(..., worker=True)``): once a signal has stopped one of its runs, the
-    runs the pool had already handed it come back as None without a folder, so the grid stops promptly."""
+def test_a_worker_keeps_a_stop_signal_and_starts_no_further_run(tmp_path, monkeypatch, signal_at):
+    """What a pool worker does (a `_start_worker` latch, then ``_execute(..., worker=True)`` per run): a signal in
+    a run's last step lets that run complete but is kept, and so is one between runs; the runs the pool had
+    already handed the worker then come back as None without a folder, so the grid stops promptly."""
     import multinorm.sweep as sweep
+    from multinorm.train import train
 
-    monkeypatch.setattr(sweep, "_signalled", False)
-    base = tiny(tmp_path, tokens=2 * 32 * 8)
-    signal_at(3)
-    cut = sweep._execute(TrainConfig(**{**base.__dict__, "run_id": "cut"}), "train", worker=True)
-    assert cut.status == "interrupted" and sweep._signalled
-    assert sweep._execute(TrainConfig(**{**base.__dict__, "run_id": "next"}), "train", worker=True) is None
-    assert not (tmp_path / "runs" / "next").exists()
-    # the caller's own process (worker=False) is not affected
-    assert sweep._execute(TrainConfig(**{**base.__dict__, "run_id": "own", "tokens": 2 * 32 * 2}), "train").status \
-        == "completed"
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(sweep, "_latch", None)
+    base = tiny(tmp_path)  # 4 steps
+    try:
+        sweep._start_worker()
+        signal_at(3)  # the batch of the last step
+        last = sweep._execute(TrainConfig(**{**base.__dict__, "run_id": "last"}), "train", worker=True)
+        assert last.status == "completed" and last.signal == "SIGTERM"
+        assert sweep._execute(TrainConfig(**{**base.__dict__, "run_id": "next"}), "train", worker=True) is None
+        assert not (tmp_path / "runs" / "next").exists()
+
+        sweep._start_worker()
+        signal.raise_signal(signal.SIGTERM)  # between two runs
+        assert sweep._execute(TrainConfig(**{**base.__dict__, "run_id": "next"}), "train", worker=True) is None
+        # a run started while the latch holds a signal stops after its first step, and can be resumed
+        held = train(TrainConfig(**{**base.__dict__, "run_id": "held", "save_checkpoint": True}))
+        assert held.status == "interrupted" and held.summary["steps_done"] == 1 and held.signal == "SIGTERM"
+        assert (held.run_dir / "checkpoint.pt").exists()
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def test_a_signal_in_the_last_step_of_a_run_stops_the_grid_after_it(tmp_path, signal_at):
+    """Nothing is left to stop in a run's last step: the run completes, and the grid starts no further run."""
+    signal_at(3, signal.SIGINT)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_grid(tiny(tmp_path, run_id=None), [{"lr": 1e-3}, {"lr": 2e-3}], tmp_path / "grid", progress=False)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    (done,) = (tmp_path / "grid").glob("*/summary.json")
+    assert json.loads(done.read_text())["status"] == "completed" and "lr0.001" in done.parent.name
 
 
 def test_ctrl_c_stops_the_whole_grid_after_saving_the_current_run(tmp_path, signal_at):

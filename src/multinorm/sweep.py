@@ -34,7 +34,7 @@ from typing import Any, Iterable
 import pandas as pd
 from tqdm.auto import tqdm
 
-from multinorm.train import RunResult, TrainConfig, read_metrics, train
+from multinorm.train import RunResult, SignalLatch, TrainConfig, read_metrics, train
 
 __all__ = ["MODES", "MissingRunsError", "config_key", "run_id", "run_one", "run_grid", "load_runs", "load_curves",
            "best_lr"]
@@ -100,19 +100,23 @@ def _action(cfg: TrainConfig, mode: str) -> tuple[str, RunResult | None]:
     return "train", None
 
 
-# Set in a worker process once a run there has stopped on a signal: the worker then starts no further run.
-# (The pool hands each worker its next run before the parent can cancel it, so the parent alone cannot stop
-# the grid promptly.)
-_signalled = False
+# A study worker's SIGINT/SIGTERM latch (`_start_worker`): it keeps a signal that reaches the worker between
+# runs or during a run's last step, and the worker then starts no further run. (The pool hands each worker its
+# next run before the parent can cancel it, so the parent alone cannot stop the grid promptly.)
+_latch: SignalLatch | None = None
+
+
+def _start_worker() -> None:
+    global _latch
+    _latch = SignalLatch().install()
 
 
 def _execute(cfg: TrainConfig, action: str, threads: int | None = None, keep_checkpoint: bool = True,
              worker: bool = False) -> RunResult | None:
     """Train (or resume) one run, in the caller's process or in a worker (``worker=True``: None, and no run,
-    once a signal has stopped a run of this worker). Study grids drop the checkpoint of a finished run (their
+    once the worker has received a stop signal). Study grids drop the checkpoint of a finished run (their
     runs are read back from the metrics); a single run keeps it."""
-    global _signalled
-    if worker and _signalled:
+    if worker and _latch is not None and _latch.signum is not None:
         return None
     if threads is not None:
         import torch
@@ -121,14 +125,13 @@ def _execute(cfg: TrainConfig, action: str, threads: int | None = None, keep_che
     result = train(cfg, resume=action == "resume", overwrite=action == "train")
     if not keep_checkpoint and result.status in _FINISHED:
         (result.run_dir / "checkpoint.pt").unlink(missing_ok=True)
-    if worker and result.status == "interrupted":
-        _signalled = True
     return result
 
 
 def _reraise_interrupt(result: RunResult) -> None:
-    if result.status == "interrupted":
-        signal.raise_signal(signal.Signals[result.summary["signal"]])
+    """Re-raise the stop signal a run received (it stopped the run, or came during its last step)."""
+    if result.signal is not None:
+        signal.raise_signal(signal.Signals[result.signal])
 
 
 def run_one(cfg: TrainConfig, mode: str = "train") -> RunResult:
@@ -213,24 +216,27 @@ def run_grid(base: TrainConfig, grid: Iterable[dict[str, Any]], results_dir: str
             for i in todo:
                 bar.set_postfix_str(planned[i][0].run_id)
                 results[i] = _execute(planned[i][0], actions[i][0], keep_checkpoint=False)
+                if results[i].status != "interrupted":
+                    log.finished(planned[i][0], results[i])
+                    bar.update(1)
                 _reraise_interrupt(results[i])
-                log.finished(planned[i][0], results[i])
-                bar.update(1)
         else:
             threads = max(1, (os.cpu_count() or 1) // jobs)
-            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn")) as pool:
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"),
+                                     initializer=_start_worker) as pool:
                 futures = {pool.submit(_execute, planned[i][0], actions[i][0], threads, False, True): i
                            for i in todo}
                 try:
                     for future in as_completed(futures):
                         i = futures[future]
                         results[i] = future.result()
-                        if results[i] is None or results[i].status == "interrupted":  # a signal reached a worker
+                        if results[i] is not None and results[i].status != "interrupted":
+                            log.finished(planned[i][0], results[i])
+                            bar.set_postfix_str(planned[i][0].run_id)
+                            bar.update(1)
+                        if results[i] is None or results[i].signal is not None:  # a signal reached a worker
                             pool.shutdown(wait=True, cancel_futures=True)  # start no new run
                             break
-                        log.finished(planned[i][0], results[i])
-                        bar.set_postfix_str(planned[i][0].run_id)
-                        bar.update(1)
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise

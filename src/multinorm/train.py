@@ -15,6 +15,7 @@ decay to 10 % of the peak learning rate (transformers' cosine-with-min-lr schedu
 Ctrl-C (SIGINT) or SIGTERM stops the run cleanly: the current step finishes, a checkpoint is written,
 the summary says "interrupted", and the CLI exits with 128 + the signal number (130 / 143). A second
 signal aborts at once; the last checkpoint is still intact, as every checkpoint is written atomically.
+A signal during the last step lets the run complete (`RunResult.signal` still names it, so a study stops).
 On CPU a resumed run reproduces the uninterrupted run's metrics exactly: batches are a pure function
 of (seed, step), and the checkpoint holds all state.
 
@@ -166,6 +167,9 @@ class RunResult:
 
     run_dir: Path
     summary: dict[str, Any]
+    # The stop signal ("SIGINT"/"SIGTERM") the run received, if any: also set on a run that completed because
+    # the signal came during its last step, so a caller running several runs in turn still stops.
+    signal: str | None = None
 
     @property
     def status(self) -> str:
@@ -348,14 +352,35 @@ def _check_resume_config(cfg: TrainConfig, run_dir: Path) -> None:
         raise ConfigError(f"cannot resume {run_dir}: settings differ from the recorded run: {diffs}")
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class SignalLatch:
+    """A SIGINT/SIGTERM handler that only remembers the signal, for a process that trains several runs in turn
+    (a study's worker): a signal that arrives between two runs, or during a run's last step, is kept, and
+    `train` started while the latch holds a signal stops after its first step."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame) -> None:
+        self.signum = self.signum or signum
+
+    def install(self) -> SignalLatch:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self)
+        return self
+
+
 class _StopOnSignal:
     """Turns SIGINT/SIGTERM into a request to stop after the current step; restores the old handlers on exit.
 
     Handlers are only installed from the main thread (Python delivers signals there), and a signal the
-    process already ignores (nohup, background jobs) stays ignored.
+    process already ignores (nohup, background jobs) stays ignored. A `SignalLatch` in place shares its
+    signal both ways: one it holds stops this run, one this run received is left in it.
     """
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self) -> None:
         self.signum: int | None = None
@@ -366,7 +391,12 @@ class _StopOnSignal:
             for sig in self.SIGNALS:
                 if signal.getsignal(sig) is not signal.SIG_IGN:
                     self._previous[sig] = signal.signal(sig, self._handle)
+        for latch in self._latches():
+            self.signum = self.signum or latch.signum
         return self
+
+    def _latches(self) -> list[SignalLatch]:
+        return [h for h in self._previous.values() if isinstance(h, SignalLatch)]
 
     def _handle(self, signum: int, frame) -> None:
         if self.signum is not None:
@@ -377,6 +407,8 @@ class _StopOnSignal:
                     f"(send it again to stop at once)\n".encode())
 
     def __exit__(self, *exc_info) -> None:
+        for latch in self._latches():
+            latch.signum = latch.signum or self.signum
         for sig, handler in self._previous.items():
             signal.signal(sig, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
@@ -612,8 +644,11 @@ def _train(cfg: TrainConfig, par: Parallel, resume: bool, overwrite: bool) -> Ru
                 kept = "checkpoint saved; resume to continue" if cfg.save_checkpoint else \
                     "no checkpoint (checkpoints are off), so it cannot be resumed"
                 message = f"interrupted by {name} after step {step} of {steps}; {kept}"
-                return RunResult(run_dir, write_summary("interrupted", message, signal=name))
-    return RunResult(run_dir, write_summary("completed"))
+                return RunResult(run_dir, write_summary("interrupted", message, signal=name), signal=name)
+    # A signal during the last step (or its evaluation) finds nothing left to stop: the run completes, and the
+    # result still names the signal, so a caller with more runs to go stops.
+    late = stop.signum
+    return RunResult(run_dir, write_summary("completed"), signal=signal.Signals(late).name if late else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
