@@ -168,8 +168,9 @@ COMPUTE_FLOORS: dict[str, Callable[[Sequence[tuple[int, int]]], float]] = {
 def traffic(method: str, params: Sequence[torch.Tensor]) -> tuple[int, str] | None:
     """Bytes that a step of ``method`` must move through memory at least, and the accounting; None for a
     method without one. AdamW (any variant) and SGD stream their tensors once; SinkGD is counted as its
-    vector form needs it: SR-Sinkhorn iterates two scaling vectors over the squared gradient (2L
-    mat-vecs) and writes the update once, into the weight."""
+    vector form needs it: SR-Sinkhorn iterates two scaling vectors over the squared gradient, L passes when
+    each block of rows gives its row and column sums together (2L mat-vecs), and writes the update once,
+    into the weight."""
     base = method.removesuffix("+compile")
     kind = "adamw" if base in ADAMW_VARIANTS or base == "adamw" else base
     if kind not in ("adamw", "sgd", "sinkgd"):
@@ -182,11 +183,12 @@ def traffic(method: str, params: Sequence[torch.Tensor]) -> tuple[int, str] | No
         f = 8 if p.dtype == torch.float64 else 4  # the stateless methods compute in float32 (float64)
         per = {"adamw": 2 * w + g + 2 * w + 2 * w,  # torch keeps AdamW's moments in the parameter's dtype
                "sgd": g + 2 * w,
-               "sinkgd": (g + f) + 2 * iters * f + (g + 2 * w)}[kind]
+               "sinkgd": (g + f) + iters * f + (g + 2 * w)}[kind]
         total += per * p.numel()
     text = {"adamw": "7 passes: param r+w, grad r, exp_avg r+w, exp_avg_sq r+w",
             "sgd": "3 passes: grad r, param r+w",
-            "sinkgd": f"grad r + fp32 square w; {2 * iters} mat-vec reads of the fp32 square (L={iters}); "
+            "sinkgd": f"grad r + fp32 square w; {iters} reads of the fp32 square (L={iters}, row and column "
+                      "sums of a block of rows together); "
                       "grad r + param r+w (update applied in place)"}[kind]
     return total, text
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..normalize import DEFAULT_EPS, sinkhorn_square_scalings, sr_sinkhorn, unit_max_root
+from ..normalize import (DEFAULT_EPS, sinkhorn_square_scalings, sinkhorn_square_scalings_by_rows, sr_sinkhorn,
+                         unit_max_root)
 from .base import (Check, ShardedBatch, StatelessMatrixOptimizer, compute_dtype, is_float_at_least,
                    is_int_at_least, prescale_roots)
 from .distributed import global_abs_max, sinkhorn_square_scalings_sharded
@@ -45,9 +46,10 @@ class SinkGD(StatelessMatrixOptimizer):
     in place, 2L mat-vecs reading ``A = (qG)^2``, one writing ``Diag(r) G`` over A, and one update
     ``W <- W (1 - lr wd) - lr (Diag(r) G) Diag(c)`` (decay a separate pass when wd > 0): ``(6 + 4L) mn``
     flops and one m x n fp32 buffer per matrix of the batch. On CPU a matrix larger than the caches is
-    updated alone, with the passes before and after the mat-vecs run block of rows by block of rows: the
-    square and the row sums, and the update's row scaling, decay and addition, then reuse cached data
-    instead of each making its own pass over main memory.
+    updated alone, block of rows by block of rows: the square and the row sums, each iteration's row and
+    column mat-vecs (:func:`multinorm.normalize.sinkhorn_square_scalings_by_rows`: L reads of A instead
+    of 2L), and the update's row scaling, decay and addition then reuse cached data instead of each making
+    its own pass over main memory.
 
     Args:
         params: matrices to optimize (or parameter-group dicts); see ``StatelessMatrixOptimizer``.
@@ -105,9 +107,9 @@ class SinkGD(StatelessMatrixOptimizer):
             self.apply_updates(b.group, b.params, rows, factors=list(c.unsqueeze(-2).unbind(0)))
 
     def _update_large(self, group: dict, p: Tensor, g: Tensor, A: Tensor) -> None:
-        """The same step for one matrix larger than the CPU caches, with the passes before and after the
-        mat-vecs done block of rows by block of rows: the prescale, the square and the row sums of a block
-        (and the update's row scaling, decay and addition) follow each other on cached data."""
+        """The same step for one matrix larger than the CPU caches, done block of rows by block of rows: the
+        prescale, the square and the row sums of a block, its row and column mat-vecs in each iteration,
+        and the update's row scaling, decay and addition follow each other on cached data."""
         step = max(1, CACHE_BLOCK // g.shape[1])
         blocks = [slice(start, start + step) for start in range(0, g.shape[0], step)]
         root = prescale_roots([g], A.dtype)
@@ -116,7 +118,7 @@ class SinkGD(StatelessMatrixOptimizer):
         for b in blocks:
             torch.mul(g[b], q, out=A[b]).square_()
             torch.sum(A[b], dim=-1, out=row_sums[b])
-        r, c = sinkhorn_square_scalings(A, group["iters"], group["eps"], row_sums=row_sums)
+        r, c = sinkhorn_square_scalings_by_rows(A, group["iters"], group["eps"], row_sums, step)
         r.mul_(root)
         c.mul_(root)
         if p.dtype != A.dtype or p.ndim != 2:  # low precision or flattened: the general update
