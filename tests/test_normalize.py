@@ -257,21 +257,6 @@ def test_sinkhorn_scalings_reproduce_output():
     assert rel(r[:, None] * G * c[None, :], N.sr_sinkhorn(G, 4)) < 1e-6
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("block_rows", [1, 7, 64, 200])
-def test_sinkhorn_by_rows_is_the_same_iteration(block_rows, dtype):
-    """One pass per iteration over blocks of rows: the factors of the two-pass form, to rounding, including a
-    zero row (its factor stays finite) and blocks that do not divide the rows."""
-    G = scaled((61, 90), dtype=dtype)
-    G[5] = 0
-    A = G * G
-    for iters in (1, 5):
-        r, c = N.sinkhorn_square_scalings(A, iters, 1e-8)
-        r2, c2 = N.sinkhorn_square_scalings_by_rows(A, iters, 1e-8, A.sum(-1), block_rows)
-        tol = 1e-6 if dtype == torch.float32 else 1e-14
-        assert torch.isfinite(r2).all() and rel(r2, r) < tol and rel(c2, c) < tol
-
-
 def test_sinkhorn_out_buffer_is_used_and_returned():
     G = scaled((64, 96), dtype=torch.float32)
     buf = torch.empty(64, 96)

@@ -57,7 +57,6 @@ __all__ = [
     "scale_to_unit_max",
     "unit_max_root",
     "sinkhorn_square_scalings",
-    "sinkhorn_square_scalings_by_rows",
     "multi_normalize",
     "fixed_point_residual",
 ]
@@ -413,35 +412,6 @@ def sinkhorn_square_scalings(A: Tensor, iters: int, eps: float,
         u = torch.div(n_t, torch.maximum(Av, torch.div(eps2, u)).clamp_(min=n / big))
         v = torch.div(m_t, torch.maximum(torch.bmm(u, A), torch.div(eps2, v)).clamp_(min=m / big))
     return u.sqrt_().reshape(batch + (m,)), v.sqrt_().reshape(batch + (n,))
-
-
-def sinkhorn_square_scalings_by_rows(A: Tensor, iters: int, eps: float, row_sums: Tensor,
-                                     block_rows: int) -> tuple[Tensor, Tensor]:
-    r""":func:`sinkhorn_square_scalings` of one matrix ``A`` (m, n), reading A once per iteration instead of
-    twice: A's rows are visited in blocks of ``block_rows``, and each block, once its rows' factors are
-    updated from ``A_b v``, adds ``u_b A_b`` to the column sums while it is still in cache. The iteration is
-    the same; only the order of the column sums' additions differs (fp32 rounding). ``row_sums`` (m,): A's
-    row sums (the first row step). For a matrix larger than the CPU caches, where each pass reads memory."""
-    m, n = A.shape
-    big = torch.finfo(A.dtype).max
-    blocks = [slice(start, start + block_rows) for start in range(0, m, block_rows)]
-    total = row_sums.sum()
-    k = torch.where(total > 0, (m * n) / total, torch.ones_like(total))
-    u = k.expand(m).clone()
-    v = torch.ones(n, dtype=A.dtype, device=A.device)
-    Av = torch.empty(m, dtype=A.dtype, device=A.device)
-    col = torch.empty(n, dtype=A.dtype, device=A.device)
-    for it in range(iters):
-        # the row step's denominator floor, max(eps^2 / u, n / big), for all rows at once (see
-        # sinkhorn_square_scalings): per block, one maximum and one division remain
-        floor = torch.div(eps * eps, u).clamp_(min=n / big)
-        col.zero_()
-        for b in blocks:
-            rows = row_sums[b] if it == 0 else torch.mv(A[b], v, out=Av[b])
-            torch.div(n, torch.maximum(rows, floor[b], out=Av[b]), out=u[b])
-            col.addmv_(A[b].T, u[b])
-        v = torch.div(m, torch.maximum(col, torch.div(eps * eps, v)).clamp_(min=m / big))
-    return u.sqrt_(), v.sqrt_()
 
 
 def _sinkhorn_factors(G: Tensor, iters: int, eps: float, out: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
