@@ -169,3 +169,26 @@ def test_jobs_default_to_one_run_per_core_on_the_cpu_and_one_on_a_gpu(monkeypatc
         assert calls.pop()[6] == jobs, argv
     monkeypatch.setattr(studies.os, "cpu_count", lambda: 64)
     assert studies.default_jobs({}) == studies.MAX_DEFAULT_JOBS
+
+
+def test_a_stopped_study_exits_130_with_one_line_and_writes_nothing(monkeypatch, tmp_path, capsys):
+    """A stop (Ctrl-C, a stop signal that ends the kernel, an interrupted cell) ends `figures` with a line
+    saying how to continue and no timing or README update; any other error still raises."""
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    import multinorm.studies as studies
+
+    written = []
+    monkeypatch.setattr(studies, "_write_timing", lambda *args: written.append(args))
+    interrupted_cell = PapermillExecutionError(3, 1, "KeyboardInterrupt", "KeyboardInterrupt", "", [])
+    for err in (KeyboardInterrupt(), DeadKernelError("Kernel died"), interrupted_cell):
+        monkeypatch.setattr(studies, "run_all", lambda *args, err=err: (_ for _ in ()).throw(err))
+        assert studies.main(["figures", "--resume", "--results-dir", str(tmp_path)]) == 130
+        err_text = capsys.readouterr().err
+        assert err_text.startswith("stopped: ") and "RESUME=1" in err_text and str(tmp_path / "runs") in err_text
+    assert written == []
+    failed_cell = PapermillExecutionError(3, 1, "ValueError", "bad", "", [])
+    monkeypatch.setattr(studies, "run_all", lambda *args: (_ for _ in ()).throw(failed_cell))
+    with pytest.raises(PapermillExecutionError):
+        studies.main(["figures", "--results-dir", str(tmp_path)])

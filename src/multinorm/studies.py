@@ -111,6 +111,19 @@ def run_notebook(name: str, parameters: dict[str, Any], output_dir: Path, cwd: P
     return time.perf_counter() - start
 
 
+def _stop_reason(err: BaseException) -> str | None:
+    """Why a study stopped, if it was stopped rather than failed: Ctrl-C here, a stop signal to the kernel
+    (its grid re-raises the signal once the run in progress has saved its state, and SIGTERM ends the
+    kernel), or a KeyboardInterrupt in a cell; None for any other error."""
+    if isinstance(err, KeyboardInterrupt):
+        return "interrupted"
+    if type(err).__name__ == "DeadKernelError":
+        return "the notebook kernel ended (a stop signal, or killed from outside, e.g. for lack of memory)"
+    if type(err).__name__ == "PapermillExecutionError" and getattr(err, "ename", "") == "KeyboardInterrupt":
+        return "a notebook cell was interrupted"
+    return None
+
+
 def run_all(scale: str, results_dir: Path, figures_dir: Path, only: list[str] | None = None,
             overrides: dict[str, Any] | None = None, run_mode: str = "train", jobs: int = 1,
             cwd: Path = REPO) -> dict[str, float]:
@@ -278,7 +291,15 @@ def main(argv: list[str] | None = None) -> int:
     figures_dir = Path(args.figures_dir).absolute() if args.figures_dir else REPO / "figures" / sub_dir
     mode = "resume" if args.resume else "reuse" if args.reuse else "train"
     start = time.perf_counter()
-    timings = run_all(args.scale, results_dir, figures_dir, args.only, dict(args.set), mode, args.jobs)
+    try:
+        timings = run_all(args.scale, results_dir, figures_dir, args.only, dict(args.set), mode, args.jobs)
+    except BaseException as err:
+        reason = _stop_reason(err)
+        if reason is None:
+            raise
+        print(f"stopped: {reason}. Every finished run is kept in {results_dir / 'runs'}, and an unfinished one "
+              "at its last checkpoint; `make figures RESUME=1` (--resume) continues.", file=sys.stderr)
+        return 130
     # read-back or partial runs say nothing about the time a full run takes; the run folders' own times are
     # summed in every mode
     _write_timing(results_dir, args.scale, timings if mode == "train" else {})
