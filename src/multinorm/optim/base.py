@@ -176,13 +176,16 @@ class StatelessMatrixOptimizer(Optimizer):
                 u.add_(p, alpha=-lr * wd)
             p.add_(u)
 
-    def prescaled_copy(self, grads: list[Tensor], out: Tensor) -> Tensor:
-        """``out[i] <- q_i G_i`` in the compute dtype, with q_i the exact power of four that brings
-        ``max |q_i G_i|`` into (1/4, 1] (:func:`multinorm.normalize.unit_max_root`); returns ``sqrt(q)``, (k,).
-        Each gradient is read once for its largest entry and once more into ``out`` (converted there)."""
+    def prescaled_copy(self, grads: list[Tensor], out: Tensor, square: bool = False) -> Tensor:
+        """``out[i] <- q_i G_i`` in the compute dtype (``(q_i G_i)^2`` with ``square``), with q_i the exact
+        power of four that brings ``max |q_i G_i|`` into (1/4, 1] (:func:`multinorm.normalize.unit_max_root`);
+        returns ``sqrt(q)``, (k,). Each gradient is read once for its largest entry and once more into ``out``
+        (converted there); the square is taken matrix by matrix, while each is still in cache."""
         root = prescale_roots(grads, out.dtype)
         for g, o, q in zip(grads, out, root.square().unbind(0)):
             torch.mul(g, q, out=o)
+            if square:
+                o.square_()
         return root
 
     def scratch(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, slot: int = 0) -> Tensor:

@@ -75,8 +75,7 @@ class SinkGD(StatelessMatrixOptimizer):
         A = self.scratch((len(grads),) + tuple(grads[0].shape), compute_dtype(grads[0].dtype), grads[0].device)
         if len(grads) == 1 and A.device.type == "cpu" and A.numel() > CACHE_BLOCK:
             return self._update_large(group, params[0], grads[0], A[0])
-        roots = self.prescaled_copy(grads, A).unsqueeze(-1)  # A = q G, exact; bf16/fp16 converted here, once
-        A.square_()
+        roots = self.prescaled_copy(grads, A, square=True).unsqueeze(-1)  # A = (q G)^2; bf16 converted once
         r, c = sinkhorn_square_scalings(A, group["iters"], group["eps"])
         r.mul_(roots)  # the factors of G itself (sqrt(q) into each, so neither overflows)
         c.mul_(roots)
