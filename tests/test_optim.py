@@ -118,6 +118,7 @@ def ref_mngd(G, norms, L):
 CASES = {
     "sinkgd": (lambda p, **kw: SinkGD(p, **kw), lambda G: ref_sinkgd(G, 5)),
     "sinkgd-L2": (lambda p, **kw: SinkGD(p, iters=2, **kw), lambda G: ref_sinkgd(G, 2)),
+    "sinkgd-unfused": (lambda p, **kw: SinkGD(p, fused=False, **kw), lambda G: ref_sinkgd(G, 5)),
     "swan": (lambda p, **kw: SWAN(p, **kw),
              lambda G: ref_frobenius(ref_coupled_newton_schulz(ref_gradnorm(G), 10, 0.8))),
     "swan-nsds": (lambda p, **kw: SWAN(p, variant="nsds", **kw),
@@ -437,19 +438,21 @@ class Float32Allocations(TorchDispatchMode):
         return out
 
 
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("cache_block", [None, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_sinkgd_step_allocates_one_fp32_matrix_buffer(dtype, cache_block, monkeypatch):
+def test_sinkgd_step_allocates_one_fp32_matrix_buffer(dtype, cache_block, fused, monkeypatch):
+    """One m x n fp32 buffer with torch operations; none for a float32 matrix in the fused CPU loop."""
     if cache_block is not None:
         monkeypatch.setattr(sinkgd_module, "CACHE_BLOCK", cache_block)
     m, n = 48, 80
     W = matrix_with_grad((m, n), dtype=dtype)
-    opt = SinkGD([W], lr=0.01, weight_decay=0.1)
+    opt = SinkGD([W], lr=0.01, weight_decay=0.1, fused=fused)
     tracker = Float32Allocations([W, W.grad])
     with tracker:
         opt.step()
     big = [size for size in tracker.sizes if size >= m * n]
-    assert big == [m * n], tracker.sizes  # small vectors (row/column factors) are not counted
+    assert big == ([] if fused and dtype == torch.float32 else [m * n]), tracker.sizes
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -470,17 +473,20 @@ def mixed_parameters(seed=0):
     return params
 
 
-@pytest.mark.parametrize("batch_elements,cache_block", [(None, None), (2 * 32 * 48, None), (2 * 32 * 48, 256)],
-                         ids=["one-batch-per-shape", "several-batches", "single-matrices-in-row-blocks"])
+@pytest.mark.parametrize("batch_elements,cache_block,fused",
+                         [(None, None, False), (2 * 32 * 48, None, False), (2 * 32 * 48, 256, False),
+                          (None, None, True)],
+                         ids=["one-batch-per-shape", "several-batches", "single-matrices-in-row-blocks", "fused-cpu"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_batched_sinkgd_step_equals_per_matrix_sr_sinkhorn(batch_elements, cache_block, weight_decay, monkeypatch):
+def test_batched_sinkgd_step_equals_per_matrix_sr_sinkhorn(batch_elements, cache_block, fused, weight_decay,
+                                                            monkeypatch):
     if batch_elements is not None:  # several batches per shape, some of a single matrix
         monkeypatch.setitem(base.BATCH_ELEMENTS, "cpu", batch_elements)
     if cache_block is not None:  # a single matrix counts as large: its step runs in blocks of rows
         monkeypatch.setattr(sinkgd_module, "CACHE_BLOCK", cache_block)
     params = mixed_parameters()
     before = [(W.detach().clone(), W.grad.clone()) for W in params]
-    SinkGD(params, lr=0.01, weight_decay=weight_decay).step()
+    SinkGD(params, lr=0.01, weight_decay=weight_decay, fused=fused).step()
     for W, (W0, G) in zip(params, before):
         direction = N.sr_sinkhorn(G.float().reshape(G.shape[0], -1), 5).reshape(G.shape)
         expected = W0.float() * (1 - 0.01 * weight_decay) - 0.01 * direction
@@ -488,6 +494,43 @@ def test_batched_sinkgd_step_equals_per_matrix_sr_sinkhorn(batch_elements, cache
             assert ((W.detach().float() - expected).abs() <= ulp(expected.to(W.dtype))).all()
         else:
             torch.testing.assert_close(W.detach(), expected, rtol=0, atol=1e-7)  # fp32 rounding of ~0.02 + 0.01 X
+
+
+def _edge_gradients():
+    g = torch.Generator().manual_seed(3)
+    G = torch.randn(40, 56, generator=g)
+    zero_row, zero_col, tiny_row = G.clone(), G.clone(), G.clone()
+    zero_row[[0, 7]] = 0
+    zero_col[:, 5] = 0
+    tiny_row[2] *= 1e-10  # squares ~1e-20, summing below eps^2 at unit RMS: the floored row factor
+    return {"plain": G, "zero rows": zero_row, "zero column": zero_col, "tiny row": tiny_row,
+            "all zero": torch.zeros(40, 56), "scale 1e-30": G * 1e-30, "scale 1e30": G * 1e30,
+            "one row": G[:1].clone(), "one column": G[:, :1].clone()}
+
+
+@pytest.mark.parametrize("case", list(_edge_gradients()))
+@pytest.mark.parametrize("iters", [1, 5])
+def test_fused_cpu_step_equals_the_torch_step(case, iters):
+    """The compiled CPU loop and the torch operations agree to fp32 rounding on zero and floored rows, zero
+    columns, extreme scales and vector-shaped matrices, with weight decay and maximize."""
+    G = _edge_gradients()[case]
+    results = []
+    for fused in (True, False):
+        W = torch.nn.Parameter(torch.linspace(-1, 1, G.numel()).reshape(G.shape))
+        W.grad = G.clone()
+        SinkGD([W], lr=0.01, iters=iters, weight_decay=0.1, maximize=case == "plain", fused=fused).step()
+        assert torch.equal(W.grad, G)
+        results.append(W.detach())
+    assert torch.isfinite(results[0]).all()
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=2e-7)
+
+
+def test_fused_cpu_step_propagates_a_nan_gradient():
+    W = torch.nn.Parameter(torch.ones(8, 12))
+    W.grad = torch.randn(8, 12)
+    W.grad[3, 4] = float("nan")
+    SinkGD([W], lr=0.01).step()
+    assert torch.isnan(W.detach()).any()
 
 
 @pytest.mark.parametrize("cls,kwargs", [(SWAN, {}), (SWAN, {"variant": "nsds"}), (SWAN, {"gradnorm_axis": "longer"}),

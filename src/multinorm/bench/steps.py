@@ -167,10 +167,10 @@ COMPUTE_FLOORS: dict[str, Callable[[Sequence[tuple[int, int]]], float]] = {
 
 def traffic(method: str, params: Sequence[torch.Tensor]) -> tuple[int, str] | None:
     """Bytes that a step of ``method`` must move through memory at least, and the accounting; None for a
-    method without one. AdamW (any variant) and SGD stream their tensors once; SinkGD is counted as its
-    vector form needs it at least: SR-Sinkhorn iterates two scaling vectors over the squared gradient, L
-    passes if each block of rows gave its row and column sums together (SinkGD itself makes 2L - 1 mat-vecs,
-    which measured faster with torch's per-op costs), and writes the update once, into the weight."""
+    method without one. AdamW (any variant) and SGD stream their tensors once; SinkGD reads the gradient once
+    for its largest entry (the exact prescale), once per Sinkhorn iteration (each row gives its factor and
+    then, still cached, its share of the column sums; iteration 0's row sums come from that pass), and once
+    more with the weight for the update: what its fused CPU loop (``multinorm.optim.sinkgd_cpu``) moves."""
     base = method.removesuffix("+compile")
     kind = "adamw" if base in ADAMW_VARIANTS or base == "adamw" else base
     if kind not in ("adamw", "sgd", "sinkgd"):
@@ -180,15 +180,13 @@ def traffic(method: str, params: Sequence[torch.Tensor]) -> tuple[int, str] | No
     for p in params:
         w = p.element_size()
         g = p.grad.element_size() if p.grad is not None else w
-        f = 8 if p.dtype == torch.float64 else 4  # the stateless methods compute in float32 (float64)
         per = {"adamw": 2 * w + g + 2 * w + 2 * w,  # torch keeps AdamW's moments in the parameter's dtype
                "sgd": g + 2 * w,
-               "sinkgd": (g + f) + iters * f + (g + 2 * w)}[kind]
+               "sinkgd": g + iters * g + (g + 2 * w)}[kind]
         total += per * p.numel()
     text = {"adamw": "7 passes: param r+w, grad r, exp_avg r+w, exp_avg_sq r+w",
             "sgd": "3 passes: grad r, param r+w",
-            "sinkgd": f"grad r + fp32 square w; {iters} reads of the fp32 square (L={iters}: the fewest the "
-                      f"iteration allows; SinkGD makes {2 * iters - 1} mat-vecs); "
+            "sinkgd": f"grad r (largest entry); {iters} grad reads (L={iters}: one per Sinkhorn iteration); "
                       "grad r + param r+w (update applied in place)"}[kind]
     return total, text
 

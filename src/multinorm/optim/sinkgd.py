@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ..normalize import DEFAULT_EPS, sinkhorn_square_scalings, sr_sinkhorn, unit_max_root
-from .base import (Check, ShardedBatch, StatelessMatrixOptimizer, compute_dtype, is_float_at_least,
+from .base import (Check, ShardedBatch, StatelessMatrixOptimizer, compute_dtype, is_bool, is_float_at_least,
                    is_int_at_least, prescale_roots)
 from .distributed import global_abs_max, sinkhorn_square_scalings_sharded
 
@@ -39,15 +39,16 @@ class SinkGD(StatelessMatrixOptimizer):
 
     No momentum and no state: ``self.state`` stays empty. SR-Sinkhorn is computed in its vector form
     (:func:`multinorm.normalize.sr_sinkhorn`), batched over the group's same-shape matrices and fused with
-    the parameter update, without host synchronisation. Passes over each m x n gradient: one read for its
-    largest entry (an exact power-of-four prescale keeps the squares in range for any gradient scale), one
-    writing ``q G`` into the work buffer (converting a bf16/fp16 gradient on the way) and one squaring it
-    in place, 2L mat-vecs reading ``A = (qG)^2``, one writing the outer product ``r c^T`` over A, and one
+    the parameter update, without host synchronisation. With torch operations, the passes over each m x n
+    gradient are: one read for its largest entry (an exact power-of-four prescale keeps the squares in range
+    for any gradient scale), one writing ``(qG)^2`` into the work buffer (converting a bf16/fp16 gradient on
+    the way), 2L mat-vecs reading ``A = (qG)^2``, one writing the outer product ``r c^T`` over A, and one
     update ``W <- W (1 - lr wd) - lr (r c^T) * G`` (decay a separate pass when wd > 0): ``(6 + 4L) mn``
-    flops and one m x n fp32 buffer per matrix of the batch. On CPU a matrix larger than the caches is
-    updated alone, block of rows by block of rows in the passes that allow it (the prescale, square and
-    row sums; the update's row scaling, decay and addition), so those reuse cached data instead of each
-    making its own pass over main memory.
+    flops and one m x n fp32 buffer per matrix of the batch; on CPU a matrix larger than the caches is
+    updated alone, block of rows by block of rows in the passes that allow it. A float32 matrix on CPU
+    (``fused=True``, eager mode) is instead stepped by a compiled loop over its rows
+    (:mod:`multinorm.optim.sinkgd_cpu`): the largest entry, then L reads of G (each row gives its factor
+    and, still cached, its share of the column sums), then one pass updating W: no matrix buffer at all.
 
     Args:
         params: matrices to optimize (or parameter-group dicts); see ``StatelessMatrixOptimizer``.
@@ -56,22 +57,35 @@ class SinkGD(StatelessMatrixOptimizer):
         weight_decay: decoupled weight decay, ``W <- W (1 - lr * weight_decay)`` (default 0).
         eps: clamp for row/column norms of the unit-RMS gradient (default 1e-8).
         maximize: ascend the objective, ``W <- W + lr X``, instead of descending (default False).
+        fused: on CPU, step each float32 matrix with the compiled loop of :mod:`multinorm.optim.sinkgd_cpu`,
+            which reads the gradient once per Sinkhorn iteration and allocates no matrix buffer (default
+            True); False uses torch operations only, as on other devices and under ``torch.compile``.
     """
 
     def __init__(self, params, lr: float = 1e-3, iters: int = 5, weight_decay: float = 0.0,
-                 eps: float = DEFAULT_EPS, *, maximize: bool = False):
-        super().__init__(params, dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps, maximize=maximize))
+                 eps: float = DEFAULT_EPS, *, maximize: bool = False, fused: bool = True):
+        super().__init__(params, dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps, maximize=maximize,
+                                      fused=fused))
 
     def _checks(self, group: dict) -> list[Check]:
         return super()._checks(group) + [
             ("iters", is_int_at_least(1), "an int >= 1"),
             ("eps", is_float_at_least(0.0), "a float >= 0"),
+            ("fused", is_bool, "a bool"),
         ]
 
     def direction(self, grads: Tensor, group: dict) -> Tensor:
         return sr_sinkhorn(grads, group["iters"], group["eps"])
 
     def update_batch(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        from . import sinkgd_cpu  # numba is imported on the first CPU step, not with the package
+
+        if group["fused"] and all(sinkgd_cpu.usable(p, g) for p, g in zip(params, grads)):
+            roots = prescale_roots(grads, torch.float32)
+            for i, (p, g) in enumerate(zip(params, grads)):
+                sinkgd_cpu.sinkgd_matrix_step(p, g, roots[i:i + 1], group["iters"], group["eps"], group["lr"],
+                                              group["weight_decay"], group["maximize"])
+            return
         A = self.scratch((len(grads),) + tuple(grads[0].shape), compute_dtype(grads[0].dtype), grads[0].device)
         if len(grads) == 1 and A.device.type == "cpu" and A.numel() > CACHE_BLOCK:
             return self._update_large(group, params[0], grads[0], A[0])
