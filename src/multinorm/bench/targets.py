@@ -141,9 +141,10 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
         if not bound.empty:
             parts = [f"{r.setting} {r.device} {r.dtype}: {r.floor_ratio:.2f}" for r in bound.itertuples()]
             lines += ["**What the bytes allow.** SinkGD's floor as a fraction of the AdamW(foreach) step ("
-                      + "; ".join(parts) + "). An implementation that reads the gradient's fp32 copy twice per SR-Sinkhorn pass (its row "
-                      "and its column norms, bandwidth.csv) cannot bring the step ratio below this: a target under "
-                      "it needs fewer passes over the data, not faster code.", ""]
+                      + "; ".join(parts) + "): the fewest bytes SinkGD can move (one read of the gradient per "
+                      "SR-Sinkhorn iteration, as its fused CPU loop does; bandwidth.csv), at the machine's bandwidth. "
+                      "No implementation brings the step ratio below it; the step's `fraction` says how close this "
+                      "one comes.", ""]
     throughput = tables.get("train_throughput")
     if throughput is not None and not throughput.empty:
         parts = [f"{r.device} {r.dtype} {r.optimizer} {r.tokens_per_s:,.0f} ({_fmt(r.ratio, '.3f')}x {r.baseline}, "
