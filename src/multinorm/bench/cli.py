@@ -24,7 +24,7 @@ __all__ = ["main", "parse_args"]
 
 TRAIN_OPTIMIZERS = ("adamw", "sinkgd", "swan")
 # --quick: what the targets and the bandwidth table need
-QUICK_METHODS = ("adamw-foreach", "adamw-fused", "sgd", "sinkgd", "swan")
+QUICK_METHODS = ("adamw-foreach", "adamw-fused", "sgd", "sinkgd", "sinkgd-torch", "swan")
 QUICK_TRAIN_OPTIMIZERS = ("adamw", "sinkgd")
 RAW_COLUMNS = ["table", "setting", "device", "dtype", "comparison", "round", "name", "seconds", "calls"]
 INT_COLUMNS = {"cores", "jobs", "threads_per_run", "steps", "threads", "matrices", "params", "rounds", "state_bytes", "peak_extra_bytes", "host_syncs", "bytes",

@@ -34,7 +34,7 @@ import pandas as pd
 import torch
 
 from ..llama import MODEL_CONFIGS, build_model, split_parameters
-from ..optim import OPTIMIZERS, CombinedOptimizer, optimizer_state_bytes
+from ..optim import OPTIMIZERS, CombinedOptimizer, SinkGD, optimizer_state_bytes
 from .measure import HostSyncCounter, interleave, matmul_callable, peak_extra_bytes, ratio_summary
 
 __all__ = ["BLOCK_1B_SHAPES", "SETTINGS", "GPU_SETTINGS", "reference", "method_names", "setting_shapes",
@@ -51,6 +51,8 @@ QUICK_SHRINK = 16  # --quick divides the shapes of the random settings by this
 PROBE_SHRINK = 8  # shapes of the step that predicts a method's step time
 ADAMW_VARIANTS = {"adamw-foreach": {"foreach": True}, "adamw-fused": {"fused": True}}
 COMPILED = ("adamw-foreach", "sinkgd")  # CUDA only: also timed as a torch.compile'd step
+# CPU only: SinkGD with torch operations (fused=False), the path it takes on other devices and when compiled
+UNFUSED = "sinkgd-torch"
 PROJECTOR_WARMUP = {"galore", "fira"}  # their first step computes SVD projectors, reused for 200 steps
 LR = 1e-6  # tiny steps: repeated updates with one fixed gradient stay harmless
 
@@ -72,6 +74,8 @@ def method_names(device: torch.device, compile_steps: bool = False) -> list[str]
     """The reference, the other AdamW variant, every registry optimizer (and compiled steps on CUDA)."""
     ref = reference(device)
     names = [ref] + [n for n in ADAMW_VARIANTS if n != ref] + list(OPTIMIZERS)
+    if device.type == "cpu":
+        names.append(UNFUSED)
     if compile_steps and device.type == "cuda":
         names += [f"{n}+compile" for n in COMPILED]
     return names
@@ -132,6 +136,9 @@ def make_optimizer(name: str, params: Sequence[torch.nn.Parameter]) -> torch.opt
     """An AdamW variant, or a registry optimizer over ``params`` alone (all treated as hidden matrices)."""
     if name in ADAMW_VARIANTS:
         return torch.optim.AdamW(list(params), lr=LR, **ADAMW_VARIANTS[name])
+    if name == UNFUSED:
+        hp = OPTIMIZERS["sinkgd"].defaults
+        return CombinedOptimizer([SinkGD(list(params), lr=LR, iters=hp["iters"], eps=hp["eps"], fused=False)])
     spec = OPTIMIZERS[name]
     return CombinedOptimizer(spec.builder(list(params), [], LR, dict(spec.defaults)))
 
