@@ -5,7 +5,7 @@ column sums of an iteration need the row factors that the same iteration has jus
 needs ``G`` only once per iteration: row i's sum ``(A v)_i`` gives its new factor ``u_i``, and while the row
 is still in cache it adds ``u_i A_i`` to the column sums (iteration 0's row sums come from the same pass).
 Reads of G: one for its largest entry (torch's aminmax), L for the iterations and one for the update, which
-writes the weight in the same pass. No m x n buffer is allocated: the transient memory is five vectors.
+writes the weight in the same pass. No m x n buffer is allocated: the transient memory is four vectors.
 
 The loop runs on one core, matrix after matrix, whatever torch's thread count: it is written for the memory-bound
 one-thread case (``make bench``, and the studies' one-thread worker processes); with many idle cores, torch's
@@ -42,7 +42,7 @@ def sinkgd_matrix_step(param: Tensor, grad: Tensor, root: Tensor, iters: int, ep
     """``W <- W (1 - lr wd) -/+ lr SR-Sinkhorn(G)`` in place, for one matrix (:func:`usable`), given ``root``
     = ``sqrt(q)`` (1,) of the exact prescale (:func:`multinorm.optim.base.prescale_roots`)."""
     m, n = grad.shape
-    vectors = torch.empty(2 * m + 3 * n, dtype=torch.float32).numpy()  # a torch allocation: memory probes see it
+    vectors = torch.empty(2 * (m + n), dtype=torch.float32).numpy()  # a torch allocation: memory probes see it
     alpha = lr if maximize else -lr
     _step(grad.numpy(), param.detach().numpy(), root.numpy(), iters, np.float32(eps * eps),
           np.float32(alpha), np.float32(1.0 - lr * weight_decay), vectors)
@@ -52,7 +52,7 @@ def sinkgd_matrix_step(param: Tensor, grad: Tensor, root: Tensor, iters: int, ep
 def _step(G, W, root, iters, eps2, alpha, decay, vectors):  # pragma: no cover (compiled)
     m, n = G.shape
     u, rows = vectors[:m], vectors[m:2 * m]
-    v, col, buf = vectors[2 * m:2 * m + n], vectors[2 * m + n:2 * m + 2 * n], vectors[2 * m + 2 * n:]
+    v, col = vectors[2 * m:2 * m + n], vectors[2 * m + n:]
     zero, one = np.float32(0.0), np.float32(1.0)
     big = np.float32(np.finfo(np.float32).max)
     fm, fn = np.float32(m), np.float32(n)
@@ -68,15 +68,14 @@ def _step(G, W, root, iters, eps2, alpha, decay, vectors):  # pragma: no cover (
         s = zero
         for j in range(n):
             x = q * G[i, j]
-            a = x * x
-            buf[j] = a
-            s += a
+            s += x * x
         rows[i] = s
         total += s
         ui = fn / max(s, fn / big)
         u[i] = ui
-        for j in range(n):
-            col[j] += ui * buf[j]
+        for j in range(n):  # the row again, from cache: squaring it twice is cheaper than storing the squares
+            x = q * G[i, j]
+            col[j] += ui * (x * x)
     # u starts at k (the unit-RMS scale of the literal form), so iteration 0's floor is eps^2 / k
     k = np.float32(fm * fn) / total if total > zero else one
     floor0 = max(eps2 / k, fn / big)
@@ -97,13 +96,12 @@ def _step(G, W, root, iters, eps2, alpha, decay, vectors):  # pragma: no cover (
             s = zero
             for j in range(n):
                 x = q * G[i, j]
-                a = x * x
-                buf[j] = a
-                s += a * v[j]
+                s += (x * x) * v[j]
             ui = fn / max(s, eps2 / u[i], fn / big)
             u[i] = ui
             for j in range(n):
-                col[j] += ui * buf[j]
+                x = q * G[i, j]
+                col[j] += ui * (x * x)
         for j in range(n):
             v[j] = fm / max(col[j], eps2 / v[j], fm / big)
     for j in range(n):  # the factors of G itself: sqrt(q) into each
