@@ -42,17 +42,17 @@ def sinkgd_matrix_step(param: Tensor, grad: Tensor, root: Tensor, iters: int, ep
     """``W <- W (1 - lr wd) -/+ lr SR-Sinkhorn(G)`` in place, for one matrix (:func:`usable`), given ``root``
     = ``sqrt(q)`` (1,) of the exact prescale (:func:`multinorm.optim.base.prescale_roots`)."""
     m, n = grad.shape
-    vectors = torch.empty(2 * (m + n), dtype=torch.float32).numpy()  # a torch allocation: memory probes see it
+    # four separate allocations (LLVM vectorises loops over arrays it cannot prove overlapping less well), made
+    # by torch so that memory probes see them
+    u, rows, v, col = (torch.empty(size, dtype=torch.float32).numpy() for size in (m, m, n, n))
     alpha = lr if maximize else -lr
     _step(grad.numpy(), param.detach().numpy(), root.numpy(), iters, np.float32(eps * eps),
-          np.float32(alpha), np.float32(1.0 - lr * weight_decay), vectors)
+          np.float32(alpha), np.float32(1.0 - lr * weight_decay), u, rows, v, col)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-def _step(G, W, root, iters, eps2, alpha, decay, vectors):  # pragma: no cover (compiled)
+def _step(G, W, root, iters, eps2, alpha, decay, u, rows, v, col):  # pragma: no cover (compiled)
     m, n = G.shape
-    u, rows = vectors[:m], vectors[m:2 * m]
-    v, col = vectors[2 * m:2 * m + n], vectors[2 * m + n:]
     zero, one = np.float32(0.0), np.float32(1.0)
     big = np.float32(np.finfo(np.float32).max)
     fm, fn = np.float32(m), np.float32(n)
