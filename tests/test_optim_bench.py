@@ -255,6 +255,19 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     again = bench.main(["--targets-only", "--out", str(tmp_path)])
     assert again["status"].tolist() == targets["status"].tolist()
 
+    # --methods times only those (and the reference): the other methods' rows are kept as they were, in place
+    bench.main(["--quick", "--out", str(tmp_path), "--methods", "sgd", "--settings", "micro", "--skip-train"])
+    partial = pd.read_csv(tmp_path / "optimizer_step.csv")
+    assert partial[["setting", "device", "dtype", "method"]].equals(step[["setting", "device", "dtype", "method"]])
+    kept = (partial.setting == "block-1b") | ~partial.method.isin(["sgd", "adamw-foreach"])
+    pd.testing.assert_frame_equal(partial[kept], step[kept])
+    assert not partial[~kept].equals(step[~kept])  # sgd and the reference on micro were timed again
+    raw = pd.read_csv(tmp_path / "raw_times.csv")
+    assert set(raw[raw.table == "optimizer_step"].comparison) == set(tables["raw_times"].query(
+        "table == 'optimizer_step'").comparison)
+    assert set(json.loads((tmp_path / "environment.json").read_text())["measured"]) == {
+        "optimizer steps", "training", "optimizer steps (sgd)"}
+
 
 # ------------------------------------------------------------------------------------------------------------
 # runs at once (make figures JOBS=N)

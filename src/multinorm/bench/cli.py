@@ -45,7 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "; hidden-350m and hidden-1b run on CUDA only)")
     p.add_argument("--methods", default=None,
                    help="comma-separated optimizers to time (default: every AdamW variant and registry optimizer; "
-                        "--quick: " + ", ".join(QUICK_METHODS) + "); the AdamW reference is always timed")
+                        "--quick: " + ", ".join(QUICK_METHODS) + "); the AdamW reference is always timed. "
+                        "Rows of other methods (and settings) already in --out are kept: each row's ratio comes "
+                        "from its own interleaved comparison")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds per comparison (default 7; --quick 2)")
     p.add_argument("--slow-rounds", type=int, default=None,
@@ -112,12 +114,39 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
     atomic_write(path, frame.to_csv(index=False, float_format="%.6g"))
 
 
-def _update_raw(path: Path, table: str, frames: list[pd.DataFrame]) -> None:
-    """Replace the per-round times of one part in raw_times.csv, keeping the other part's."""
+def _update_raw(path: Path, table: str, frames: list[pd.DataFrame], partial: bool = False) -> None:
+    """Replace the per-round times of one part in raw_times.csv, keeping the other part's; with ``partial``,
+    only those of the comparisons measured now."""
     previous = pd.read_csv(path) if path.exists() else pd.DataFrame()
-    kept = [previous[previous["table"] != table]] if "table" in previous else []
     new = [f.assign(table=table) for f in frames]
+    if "table" not in previous:
+        kept = []
+    elif partial and new:
+        measured = set(_keys(pd.concat(new), RAW_KEY))
+        kept = [previous[[previous.table.iloc[i] != table or k not in measured
+                          for i, k in enumerate(_keys(previous, RAW_KEY))]]]
+    else:
+        kept = [previous[previous["table"] != table]]
     _write_csv(_frame(pd.concat(kept + new, ignore_index=True) if kept + new else [], RAW_COLUMNS), path)
+
+
+ROW_KEY = ["setting", "device", "dtype", "method"]
+RAW_KEY = ["setting", "device", "dtype", "comparison"]
+
+
+def _keys(frame: pd.DataFrame, key: list[str]) -> list[tuple]:
+    return [tuple(str(v) for v in row) for row in frame[key].itertuples(index=False)]
+
+
+def _merged(path: Path, new: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """The table at ``path`` with each row that ``new`` measured again replaced in place (same setting, device,
+    dtype and method) and ``new``'s other rows appended: how a run with ``--methods`` updates the tables."""
+    if not path.exists() or new.empty:
+        return new
+    old = pd.read_csv(path)
+    fresh = dict(zip(_keys(new, ROW_KEY), new.to_dict("records")))
+    rows = [fresh.pop(k, r) for k, r in zip(_keys(old, ROW_KEY), old.to_dict("records"))]
+    return _frame(rows + list(fresh.values()), columns)
 
 
 def _report(out: Path, env: dict | None) -> pd.DataFrame:
@@ -170,10 +199,17 @@ def _run_steps(args, devices: list[torch.device], env: dict, out: Path, log) -> 
     if args.device == "auto" and not torch.cuda.is_available():
         tables["optimizer_step"] += unmeasured_rows(args.settings)
     steps = _frame(tables["optimizer_step"], STEP_COLUMNS)
+    floors = _frame(tables["compute_floor"], FLOOR_COLUMNS)
+    bandwidth = _frame(tables["bandwidth"], BANDWIDTH_COLUMNS)
+    partial = bool(args.methods)  # rows of the methods and settings not timed now are kept
+    if partial:
+        steps = _merged(out / "optimizer_step.csv", steps, STEP_COLUMNS)
+        floors = _merged(out / "compute_floor.csv", floors, FLOOR_COLUMNS)
+        bandwidth = _merged(out / "bandwidth.csv", bandwidth, BANDWIDTH_COLUMNS)
     _write_csv(steps, out / "optimizer_step.csv")
-    _write_csv(_frame(tables["compute_floor"], FLOOR_COLUMNS), out / "compute_floor.csv")
-    _write_csv(_frame(tables["bandwidth"], BANDWIDTH_COLUMNS), out / "bandwidth.csv")
-    _update_raw(out / "raw_times.csv", "optimizer_step", tables["raw"])
+    _write_csv(floors, out / "compute_floor.csv")
+    _write_csv(bandwidth, out / "bandwidth.csv")
+    _update_raw(out / "raw_times.csv", "optimizer_step", tables["raw"], partial)
     shown = ["setting", "device", "dtype", "method", "step_ms", "ratio", "ratio_min", "ratio_max", "state_bytes",
              "peak_extra_bytes", "host_syncs"]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
@@ -239,7 +275,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     # when each part's tables were last measured: a run that skips a part keeps that part's older tables
     previous = json.loads(env_path.read_text()) if env_path.exists() else {}
     env["measured"] = dict(previous.get("measured", {}))
-    env["measured"].update({part: env["date"] for part, run in (("optimizer steps", not args.skip_steps),
+    steps_part = "optimizer steps" + (f" ({', '.join(args.methods)})" if args.methods else "")
+    env["measured"].update({part: env["date"] for part, run in ((steps_part, not args.skip_steps),
                                                                 ("training", not args.skip_train),
                                                                 ("runs at once", args.jobs_steps > 0)) if run})
     log(f"{env['cpu']}; {env['available_cores']} core(s) available; torch {env['torch']}, {env['torch_threads']} "
