@@ -58,24 +58,15 @@ def _step(G, W, root, iters, eps2, alpha, decay, u, rows, v, col):  # pragma: no
     fm, fn = np.float32(m), np.float32(n)
     r0 = root[0]
     q = r0 * r0
-    # Pass 1: row sums of A = (qG)^2 (iteration 0's row step) and, from the same cached row, its share of
-    # iteration 0's column sums. The row factor's eps floor needs the total of all rows (unknown yet), so
-    # the row is added with the floor n / big only; the rows under the full floor are corrected after.
-    total = zero
+    # Pass 1: row sums of A = (qG)^2 (iteration 0's row step) and, from the same cached rows, iteration 0's
+    # column sums. The row factor's eps floor needs the total of all rows (unknown yet), so the rows are
+    # added with the floor n / big only; the rows under the full floor are corrected after.
     for j in range(n):
-        col[j] = zero
+        v[j] = one
+    _sweep(G, q, v, u, rows, col, True, eps2)
+    total = zero
     for i in range(m):
-        s = zero
-        for j in range(n):
-            x = q * G[i, j]
-            s += x * x
-        rows[i] = s
-        total += s
-        ui = fn / max(s, fn / big)
-        u[i] = ui
-        for j in range(n):  # the row again, from cache: squaring it twice is cheaper than storing the squares
-            x = q * G[i, j]
-            col[j] += ui * (x * x)
+        total += rows[i]
     # u starts at k (the unit-RMS scale of the literal form), so iteration 0's floor is eps^2 / k
     k = np.float32(fm * fn) / total if total > zero else one
     floor0 = max(eps2 / k, fn / big)
@@ -89,19 +80,8 @@ def _step(G, W, root, iters, eps2, alpha, decay, u, rows, v, col):  # pragma: no
                 col[j] += d * (x * x)
     for j in range(n):
         v[j] = fm / max(col[j], eps2, fm / big)  # v started at 1
-    for it in range(1, iters):  # one read of G each: a row's factor, then its share of the column sums
-        for j in range(n):
-            col[j] = zero
-        for i in range(m):
-            s = zero
-            for j in range(n):
-                x = q * G[i, j]
-                s += (x * x) * v[j]
-            ui = fn / max(s, eps2 / u[i], fn / big)
-            u[i] = ui
-            for j in range(n):
-                x = q * G[i, j]
-                col[j] += ui * (x * x)
+    for _ in range(1, iters):
+        _sweep(G, q, v, u, rows, col, False, eps2)
         for j in range(n):
             v[j] = fm / max(col[j], eps2 / v[j], fm / big)
     for j in range(n):  # the factors of G itself: sqrt(q) into each
@@ -110,3 +90,53 @@ def _step(G, W, root, iters, eps2, alpha, decay, u, rows, v, col):  # pragma: no
         ri = alpha * (np.sqrt(u[i]) * r0)
         for j in range(n):
             W[i, j] = W[i, j] * decay + ri * v[j] * G[i, j]
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _sweep(G, q, v, u, rows, col, first, eps2):  # pragma: no cover (compiled)
+    """One read of G: each row's sum ``(A v)_i`` gives its factor ``u_i``, then, the row still in cache,
+    ``u_i A_i`` is added to the column sums ``col``. Rows go four at a time, so that the loads of ``v`` and
+    ``col`` and the loop overhead are shared by four rows."""
+    m, n = G.shape
+    zero = np.float32(0.0)
+    fn = np.float32(n)
+    low = fn / np.float32(np.finfo(np.float32).max)
+    for j in range(n):
+        col[j] = zero
+    tail = m - m % 4
+    for i in range(0, tail, 4):
+        a, b, c, d = G[i], G[i + 1], G[i + 2], G[i + 3]
+        sa = sb = sc = sd = zero
+        for j in range(n):
+            w = v[j]
+            xa, xb, xc, xd = q * a[j], q * b[j], q * c[j], q * d[j]
+            sa += (xa * xa) * w
+            sb += (xb * xb) * w
+            sc += (xc * xc) * w
+            sd += (xd * xd) * w
+        if first:
+            rows[i], rows[i + 1], rows[i + 2], rows[i + 3] = sa, sb, sc, sd
+            ua, ub = fn / max(sa, low), fn / max(sb, low)
+            uc, ud = fn / max(sc, low), fn / max(sd, low)
+        else:
+            ua, ub = fn / max(sa, eps2 / u[i], low), fn / max(sb, eps2 / u[i + 1], low)
+            uc, ud = fn / max(sc, eps2 / u[i + 2], low), fn / max(sd, eps2 / u[i + 3], low)
+        u[i], u[i + 1], u[i + 2], u[i + 3] = ua, ub, uc, ud
+        for j in range(n):  # the rows again, from cache: squaring twice is cheaper than storing the squares
+            xa, xb, xc, xd = q * a[j], q * b[j], q * c[j], q * d[j]
+            col[j] += (ua * (xa * xa) + ub * (xb * xb)) + (uc * (xc * xc) + ud * (xd * xd))
+    for i in range(tail, m):
+        g = G[i]
+        s = zero
+        for j in range(n):
+            x = q * g[j]
+            s += (x * x) * v[j]
+        if first:
+            rows[i] = s
+            ui = fn / max(s, low)
+        else:
+            ui = fn / max(s, eps2 / u[i], low)
+        u[i] = ui
+        for j in range(n):
+            x = q * g[j]
+            col[j] += ui * (x * x)
