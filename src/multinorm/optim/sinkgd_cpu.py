@@ -7,9 +7,10 @@ is still in cache it adds ``u_i A_i`` to the column sums (iteration 0's row sums
 Reads of G: one for its largest entry (torch's aminmax), L for the iterations and one for the update, which
 writes the weight in the same pass. No m x n buffer is allocated: the transient memory is four vectors.
 
-The loop runs on one core, matrix after matrix, whatever torch's thread count: it is written for the memory-bound
-one-thread case (``make bench``, and the studies' one-thread worker processes); with many idle cores, torch's
-multi-threaded operations (``SinkGD(..., fused=False)``) can be faster on large matrices.
+The loop runs on one core, matrix after matrix, whatever torch's thread count: it is written for the one-thread
+case (``make bench``, and the studies' one-thread worker processes), where its passes are limited by arithmetic
+about as much as by memory; with many idle cores, torch's multi-threaded operations (``SinkGD(..., fused=False)``)
+can be faster on large matrices.
 
 The arithmetic is :func:`multinorm.normalize.sinkhorn_square_scalings`' in float32, step for step (the
 same prescale, floors and update); sums are accumulated in another order, so results agree to float32
