@@ -249,6 +249,7 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     assert (tmp_path / "environment.json").exists() and "Targets" in (tmp_path / "readme_bench.md").read_text()
     env = json.loads((tmp_path / "environment.json").read_text())
     assert set(env["measured"]) == {"optimizer steps", "training"}  # --quick skips the runs-at-once part
+    assert env["measured_commits"] == {"optimizer steps": env["git_commit"], "training": env["git_commit"]}
     assert f"Measured (optimizer steps {env['date'][:10]}; training {env['date'][:10]})" in (
         tmp_path / "readme_bench.md").read_text()
 

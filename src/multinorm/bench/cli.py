@@ -276,9 +276,12 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     previous = json.loads(env_path.read_text()) if env_path.exists() else {}
     env["measured"] = dict(previous.get("measured", {}))
     steps_part = "optimizer steps" + (f" ({', '.join(args.methods)})" if args.methods else "")
-    env["measured"].update({part: env["date"] for part, run in ((steps_part, not args.skip_steps),
-                                                                ("training", not args.skip_train),
-                                                                ("runs at once", args.jobs_steps > 0)) if run})
+    parts = [part for part, run in ((steps_part, not args.skip_steps), ("training", not args.skip_train),
+                                    ("runs at once", args.jobs_steps > 0)) if run]
+    env["measured"].update({part: env["date"] for part in parts})
+    # and from which commit (git_commit names this run's only)
+    env["measured_commits"] = dict(previous.get("measured_commits", {}))
+    env["measured_commits"].update({part: env["git_commit"] for part in parts})
     log(f"{env['cpu']}; {env['available_cores']} core(s) available; torch {env['torch']}, {env['torch_threads']} "
         f"thread(s), BLAS {env['blas']}; GPU {env['gpu'] or 'none'}; load average {env['load_average']}")
     env["memory_bandwidth"] = _machine_bandwidth(devices, args, log)
