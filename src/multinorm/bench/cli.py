@@ -281,6 +281,9 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     env["measured"].update({part: env["date"] for part in parts})
     # and from which commit (git_commit names this run's only)
     env["measured_commits"] = dict(previous.get("measured_commits", {}))
+    for part, date in previous.get("measured", {}).items():  # tables written before commits were recorded
+        if part not in env["measured_commits"] and date == previous.get("date"):
+            env["measured_commits"][part] = previous.get("git_commit")
     env["measured_commits"].update({part: env["git_commit"] for part in parts})
     log(f"{env['cpu']}; {env['available_cores']} core(s) available; torch {env['torch']}, {env['torch_threads']} "
         f"thread(s), BLAS {env['blas']}; GPU {env['gpu'] or 'none'}; load average {env['load_average']}")
