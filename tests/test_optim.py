@@ -503,7 +503,12 @@ def _edge_gradients():
     zero_row[[0, 7]] = 0
     zero_col[:, 5] = 0
     tiny_row[2] *= 1e-10  # squares ~1e-20, summing below eps^2 at unit RMS: the floored row factor
+    # rows whose raw squares underflow or overflow float32 (the compiled step sums them again, prescaled)
+    subnormal_row, huge_row = G.clone(), G.clone()
+    subnormal_row[4] *= 1e-25
+    huge_row[9] *= 1e25
     return {"plain": G, "zero rows": zero_row, "zero column": zero_col, "tiny row": tiny_row,
+            "subnormal row": subnormal_row, "huge row": huge_row, "scale 1e-20": G * 1e-20, "scale 1e18": G * 1e18,
             "all zero": torch.zeros(40, 56), "scale 1e-30": G * 1e-30, "scale 1e30": G * 1e30,
             "one row": G[:1].clone(), "one column": G[:, :1].clone()}
 

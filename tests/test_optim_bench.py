@@ -90,9 +90,9 @@ def test_traffic_counts_the_passes_of_each_method():
     assert bench.traffic("adamw-foreach", [p32])[0] == 7 * 4 * 100
     assert bench.traffic("adamw-fused", [p32, pbf])[0] == 7 * 4 * 100 + 7 * 2 * 100
     assert bench.traffic("sgd", [p32])[0] == 3 * 4 * 100
-    # L = 5: grad r + fp32 square w; 5 reads of the square (row and column sums per block); grad r + param r/w
-    assert bench.traffic("sinkgd", [p32])[0] == (4 + 5 * 4 + 4 + 8) * 100
-    assert bench.traffic("sinkgd", [pbf])[0] == (2 + 5 * 2 + 2 + 4) * 100
+    # L = 5: one grad read per Sinkhorn iteration (the prescale comes from the first); grad r + param r/w
+    assert bench.traffic("sinkgd", [p32])[0] == (5 * 4 + 4 + 8) * 100
+    assert bench.traffic("sinkgd", [pbf])[0] == (5 * 2 + 2 + 4) * 100
     assert "5 grad reads" in bench.traffic("sinkgd", [p32])[1]
     assert bench.traffic("swan", [p32]) is None
 

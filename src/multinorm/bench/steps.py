@@ -175,9 +175,9 @@ COMPUTE_FLOORS: dict[str, Callable[[Sequence[tuple[int, int]]], float]] = {
 def traffic(method: str, params: Sequence[torch.Tensor]) -> tuple[int, str] | None:
     """Bytes that a step of ``method`` must move through memory at least, and the accounting; None for a
     method without one. AdamW (any variant) and SGD stream their tensors once; SinkGD reads the gradient once
-    for its largest entry (the exact prescale), once per Sinkhorn iteration (each row gives its factor and
-    then, still cached, its share of the column sums; iteration 0's row sums come from that pass), and once
-    more with the weight for the update: what its fused CPU loop (``multinorm.optim.sinkgd_cpu``) moves."""
+    per Sinkhorn iteration (each row gives its factor and then, still cached, its share of the column sums;
+    the exact prescale follows from iteration 0's row sums) and once more with the weight for the update:
+    what its fused CPU loop (``multinorm.optim.sinkgd_cpu``) moves."""
     base = method.removesuffix("+compile")
     kind = "adamw" if base in ADAMW_VARIANTS or base == "adamw" else base
     if kind not in ("adamw", "sgd", "sinkgd"):
@@ -189,11 +189,11 @@ def traffic(method: str, params: Sequence[torch.Tensor]) -> tuple[int, str] | No
         g = p.grad.element_size() if p.grad is not None else w
         per = {"adamw": 2 * w + g + 2 * w + 2 * w,  # torch keeps AdamW's moments in the parameter's dtype
                "sgd": g + 2 * w,
-               "sinkgd": g + iters * g + (g + 2 * w)}[kind]
+               "sinkgd": iters * g + (g + 2 * w)}[kind]
         total += per * p.numel()
     text = {"adamw": "7 passes: param r+w, grad r, exp_avg r+w, exp_avg_sq r+w",
             "sgd": "3 passes: grad r, param r+w",
-            "sinkgd": f"grad r (largest entry); {iters} grad reads (L={iters}: one per Sinkhorn iteration); "
+            "sinkgd": f"{iters} grad reads (L={iters}: one per Sinkhorn iteration); "
                       "grad r + param r+w (update applied in place)"}[kind]
     return total, text
 

@@ -47,8 +47,8 @@ class SinkGD(StatelessMatrixOptimizer):
     flops and one m x n fp32 buffer per matrix of the batch; on CPU a matrix larger than the caches is
     updated alone, block of rows by block of rows in the passes that allow it. A float32 matrix on CPU
     (``fused=True``, eager mode) is instead stepped by a compiled loop over its rows
-    (:mod:`multinorm.optim.sinkgd_cpu`): the largest entry, then L reads of G (each row gives its factor
-    and, still cached, its share of the column sums), then one pass updating W: no matrix buffer at all.
+    (:mod:`multinorm.optim.sinkgd_cpu`): L reads of G (each row gives its factor and, still cached, its
+    share of the column sums; the first unscaled), then one pass updating W: no matrix buffer at all.
 
     Args:
         params: matrices to optimize (or parameter-group dicts); see ``StatelessMatrixOptimizer``.
@@ -81,9 +81,8 @@ class SinkGD(StatelessMatrixOptimizer):
         from . import sinkgd_cpu  # numba is imported on the first CPU step, not with the package
 
         if group["fused"] and all(sinkgd_cpu.usable(p, g) for p, g in zip(params, grads)):
-            roots = prescale_roots(grads, torch.float32)
-            for i, (p, g) in enumerate(zip(params, grads)):
-                sinkgd_cpu.sinkgd_matrix_step(p, g, roots[i:i + 1], group["iters"], group["eps"], group["lr"],
+            for p, g in zip(params, grads):
+                sinkgd_cpu.sinkgd_matrix_step(p, g, group["iters"], group["eps"], group["lr"],
                                               group["weight_decay"], group["maximize"])
             return
         A = self.scratch((len(grads),) + tuple(grads[0].shape), compute_dtype(grads[0].dtype), grads[0].device)

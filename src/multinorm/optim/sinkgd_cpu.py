@@ -3,9 +3,12 @@
 With torch operations the step materialises ``A = (qG)^2`` and reads it in ``2L - 1`` mat-vecs, because the
 column sums of an iteration need the row factors that the same iteration has just computed. A loop over rows
 needs ``G`` only once per iteration: row i's sum ``(A v)_i`` gives its new factor ``u_i``, and while the row
-is still in cache it adds ``u_i A_i`` to the column sums (iteration 0's row sums come from the same pass).
-Reads of G: one for its largest entry (torch's aminmax), L for the iterations and one for the update, which
-writes the weight in the same pass. No m x n buffer is allocated: the transient memory is four vectors.
+is still in cache it adds ``u_i A_i`` to the column sums. Iteration 0 needs no prescale q: its share
+``u_i (qG_ij)^2 = n G_ij^2 / sum_j G_ij^2`` is scale-free, so it reads G unscaled, and q (a power of four)
+comes from its row sums afterwards. Reads of G: L for the iterations and one for the update, which writes the
+weight in the same pass. No m x n buffer is allocated: the transient memory is four vectors. (Rows whose raw
+sum of squares leaves [2^-100, 2^100], i.e. a gradient near float32's under- or overflow, are summed again on
+qG, and the column sums with them when such a row had already contributed: a rare extra read.)
 
 The loop runs on one core, matrix after matrix, whatever torch's thread count: it is written for the one-thread
 case (``make bench``, and the studies' one-thread worker processes), where its passes are limited by arithmetic
@@ -13,11 +16,13 @@ about as much as by memory; with many idle cores, torch's multi-threaded operati
 can be faster on large matrices.
 
 The arithmetic is :func:`multinorm.normalize.sinkhorn_square_scalings`' in float32, step for step (the
-same prescale, floors and update); sums are accumulated in another order, so results agree to float32
-rounding. ``tests/test_optim.py`` compares the two paths and both with the float64 reference.
+same floors and update; the prescale, an exact power of four, may differ by a factor that cancels); sums are
+accumulated in another order, so results agree to float32 rounding. ``tests/test_optim.py`` compares the two paths and both with the float64 reference.
 """
 
 from __future__ import annotations
+
+import math
 
 import numba
 import numpy as np
@@ -38,63 +43,159 @@ def usable(param: Tensor, grad: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def sinkgd_matrix_step(param: Tensor, grad: Tensor, root: Tensor, iters: int, eps: float, lr: float,
-                       weight_decay: float, maximize: bool) -> None:
-    """``W <- W (1 - lr wd) -/+ lr SR-Sinkhorn(G)`` in place, for one matrix (:func:`usable`), given ``root``
-    = ``sqrt(q)`` (1,) of the exact prescale (:func:`multinorm.optim.base.prescale_roots`)."""
+def sinkgd_matrix_step(param: Tensor, grad: Tensor, iters: int, eps: float, lr: float, weight_decay: float,
+                       maximize: bool) -> None:
+    """``W <- W (1 - lr wd) -/+ lr SR-Sinkhorn(G)`` in place, for one matrix (:func:`usable`)."""
     m, n = grad.shape
     # four separate allocations (LLVM vectorises loops over arrays it cannot prove overlapping less well), made
     # by torch so that memory probes see them
     u, rows, v, col = (torch.empty(size, dtype=torch.float32).numpy() for size in (m, m, n, n))
     alpha = lr if maximize else -lr
-    _step(grad.numpy(), param.detach().numpy(), root.numpy(), iters, np.float32(eps * eps),
-          np.float32(alpha), np.float32(1.0 - lr * weight_decay), u, rows, v, col)
+    _step(grad.numpy(), param.detach().numpy(), iters, np.float32(eps * eps), np.float32(alpha),
+          np.float32(1.0 - lr * weight_decay), u, rows, v, col)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-def _step(G, W, root, iters, eps2, alpha, decay, u, rows, v, col):  # pragma: no cover (compiled)
+def _step(G, W, iters, eps2, alpha, decay, u, rows, v, col):  # pragma: no cover (compiled)
     m, n = G.shape
     zero, one = np.float32(0.0), np.float32(1.0)
     big = np.float32(np.finfo(np.float32).max)
     fm, fn = np.float32(m), np.float32(n)
-    r0 = root[0]
-    q = r0 * r0
-    # Pass 1: row sums of A = (qG)^2 (iteration 0's row step) and, from the same cached rows, iteration 0's
-    # column sums. The row factor's eps floor needs the total of all rows (unknown yet), so the rows are
-    # added with the floor n / big only; the rows under the full floor are corrected after.
-    for j in range(n):
-        v[j] = one
-    _sweep(G, q, v, u, rows, col, True, eps2)
+    low = fn / big
+    # Pass 1 reads G unscaled: row sums of G^2, and from the same cached rows the column sums of iteration 0
+    _first_sweep(G, u, rows, col)
+    root = _prescale_root(G, rows)
+    q = root * root
+    q2 = q * q
+    # u_i = n / R_i (> 0) marks a row whose share u_i q^2 G_i^2 is in the column sums. A row whose raw sum is
+    # out of range is summed again on qG; if it had added a share, or if a floor changes a factor after its
+    # share was added, every share is taken again on qG (undoing a share would cancel catastrophically).
+    redo = False
     total = zero
     for i in range(m):
-        total += rows[i]
-    # u starts at k (the unit-RMS scale of the literal form), so iteration 0's floor is eps^2 / k
-    k = np.float32(fm * fn) / total if total > zero else one
-    floor0 = max(eps2 / k, fn / big)
-    for i in range(m):
-        if rows[i] < floor0:  # a (near-)zero row: its factor is the floored one
-            ui = fn / floor0
-            d = ui - u[i]
-            u[i] = ui
+        s = q2 * rows[i]
+        if not (_in_range(rows[i]) and _in_range(s)):
+            s = zero
             for j in range(n):
                 x = q * G[i, j]
-                col[j] += d * (x * x)
+                s += x * x
+            redo = redo or u[i] != zero
+            u[i] = zero
+        rows[i] = s
+        total += s
+    # u starts at k (the unit-RMS scale of the literal form), so iteration 0's floor is eps^2 / k
+    k = np.float32(fm * fn) / total if total > zero else one
+    floor0 = max(eps2 / k, low)
+    for i in range(m):
+        if rows[i] < floor0:  # a (near-)zero row: its factor is the floored one
+            redo = redo or u[i] != zero
+            u[i] = -(fn / floor0)
+        elif u[i] > zero:
+            u[i] = fn / rows[i]  # = (n / R_i) / q^2 exactly
+        else:
+            u[i] = -(fn / max(rows[i], low))
+    if redo:
+        for j in range(n):
+            col[j] = zero
+    for i in range(m):  # the shares not yet in the column sums (< 0), or all of them
+        if redo or u[i] < zero:
+            ui = u[i] = abs(u[i])
+            for j in range(n):
+                x = q * G[i, j]
+                col[j] += ui * (x * x)
     for j in range(n):
         v[j] = fm / max(col[j], eps2, fm / big)  # v started at 1
     for _ in range(1, iters):
-        _sweep(G, q, v, u, rows, col, False, eps2)
+        _sweep(G, q, v, u, col, eps2)
         for j in range(n):
             v[j] = fm / max(col[j], eps2 / v[j], fm / big)
     for j in range(n):  # the factors of G itself: sqrt(q) into each
-        v[j] = np.sqrt(v[j]) * r0
+        v[j] = np.sqrt(v[j]) * root
     for i in range(m):
-        ri = alpha * (np.sqrt(u[i]) * r0)
+        ri = alpha * (np.sqrt(u[i]) * root)
         for j in range(n):
             W[i, j] = W[i, j] * decay + ri * v[j] * G[i, j]
 
 
+_LOW, _HIGH = np.float32(2.0 ** -100), np.float32(2.0 ** 100)
+
+
+@numba.njit(cache=True, nogil=True)
+def _in_range(x):  # pragma: no cover (compiled)
+    """A sum of squares that is exact to float32 rounding, and whose reciprocal times n stays finite."""
+    return _LOW <= x <= _HIGH
+
+
+@numba.njit(cache=True, nogil=True)
+def _prescale_root(G, rows):  # pragma: no cover (compiled)
+    """``sqrt(q)``, q the power of four that brings the largest row of qG to norm (1/4, 1] (so that every
+    square of qG is at most 1) from the raw row sums; from G's largest entry (one more read) when those sums
+    are out of range (an overflowed or vanishing G), as :func:`multinorm.normalize.unit_max_root` does."""
+    top = np.float32(0.0)
+    for i in range(rows.shape[0]):
+        top = max(top, rows[i])
+    if _in_range(top):
+        largest = np.sqrt(np.float64(top))
+    else:
+        largest = 0.0
+        for i in range(G.shape[0]):
+            for j in range(G.shape[1]):
+                largest = max(largest, abs(np.float64(G[i, j])))
+    _, e = math.frexp(largest)  # largest = f 2^e, f in [1/2, 1)
+    half = max((e + (e & 1)) // 2, -63)
+    return np.float32(math.ldexp(1.0, -half))
+
+
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
-def _sweep(G, q, v, u, rows, col, first, eps2):  # pragma: no cover (compiled)
+def _first_sweep(G, t, rows, col):  # pragma: no cover (compiled)
+    """Iteration 0 on raw G (v = 1): ``rows_i = sum_j G_ij^2``, ``t_i = n / rows_i`` (0 where rows_i is out of
+    range) and ``col_j = sum_i t_i G_ij^2``. ``t_i G_ij^2`` is scale-free: it equals ``u_i (qG_ij)^2`` for
+    every power of four q, so the prescale is not needed yet, and the pass that finds it is saved."""
+    m, n = G.shape
+    zero = np.float32(0.0)
+    fn = np.float32(n)
+    for j in range(n):
+        col[j] = zero
+    tail = m - m % 4
+    for i in range(0, tail, 4):
+        a, b, c, d = G[i], G[i + 1], G[i + 2], G[i + 3]
+        sa = sb = sc = sd = zero
+        for j in range(n):
+            sa += a[j] * a[j]
+            sb += b[j] * b[j]
+            sc += c[j] * c[j]
+            sd += d[j] * d[j]
+        rows[i], rows[i + 1], rows[i + 2], rows[i + 3] = sa, sb, sc, sd
+        ta = fn / sa if _in_range(sa) else zero
+        tb = fn / sb if _in_range(sb) else zero
+        tc = fn / sc if _in_range(sc) else zero
+        td = fn / sd if _in_range(sd) else zero
+        t[i], t[i + 1], t[i + 2], t[i + 3] = ta, tb, tc, td
+        if ta != zero and tb != zero and tc != zero and td != zero:
+            for j in range(n):
+                col[j] += (ta * (a[j] * a[j]) + tb * (b[j] * b[j])) + (tc * (c[j] * c[j]) + td * (d[j] * d[j]))
+        else:  # a row out of range adds nothing here (its squares may be inf); its share is added after
+            for r in range(i, i + 4):
+                _add_row(G[r], t[r], col)
+    for i in range(tail, m):
+        g = G[i]
+        s = zero
+        for j in range(n):
+            s += g[j] * g[j]
+        rows[i] = s
+        t[i] = fn / s if _in_range(s) else zero
+        _add_row(g, t[i], col)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _add_row(g, t, col):  # pragma: no cover (compiled)
+    if t != np.float32(0.0):
+        for j in range(g.shape[0]):
+            col[j] += t * (g[j] * g[j])
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _sweep(G, q, v, u, col, eps2):  # pragma: no cover (compiled)
     """One read of G: each row's sum ``(A v)_i`` gives its factor ``u_i``, then, the row still in cache,
     ``u_i A_i`` is added to the column sums ``col``. Rows go four at a time, so that the loads of ``v`` and
     ``col`` and the loop overhead are shared by four rows."""
@@ -115,13 +216,8 @@ def _sweep(G, q, v, u, rows, col, first, eps2):  # pragma: no cover (compiled)
             sb += (xb * xb) * w
             sc += (xc * xc) * w
             sd += (xd * xd) * w
-        if first:
-            rows[i], rows[i + 1], rows[i + 2], rows[i + 3] = sa, sb, sc, sd
-            ua, ub = fn / max(sa, low), fn / max(sb, low)
-            uc, ud = fn / max(sc, low), fn / max(sd, low)
-        else:
-            ua, ub = fn / max(sa, eps2 / u[i], low), fn / max(sb, eps2 / u[i + 1], low)
-            uc, ud = fn / max(sc, eps2 / u[i + 2], low), fn / max(sd, eps2 / u[i + 3], low)
+        ua, ub = fn / max(sa, eps2 / u[i], low), fn / max(sb, eps2 / u[i + 1], low)
+        uc, ud = fn / max(sc, eps2 / u[i + 2], low), fn / max(sd, eps2 / u[i + 3], low)
         u[i], u[i + 1], u[i + 2], u[i + 3] = ua, ub, uc, ud
         for j in range(n):  # the rows again, from cache: squaring twice is cheaper than storing the squares
             xa, xb, xc, xd = q * a[j], q * b[j], q * c[j], q * d[j]
@@ -132,11 +228,7 @@ def _sweep(G, q, v, u, rows, col, first, eps2):  # pragma: no cover (compiled)
         for j in range(n):
             x = q * g[j]
             s += (x * x) * v[j]
-        if first:
-            rows[i] = s
-            ui = fn / max(s, low)
-        else:
-            ui = fn / max(s, eps2 / u[i], low)
+        ui = fn / max(s, eps2 / u[i], low)
         u[i] = ui
         for j in range(n):
             x = q * g[j]
