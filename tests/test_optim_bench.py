@@ -263,6 +263,8 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     kept = (partial.setting == "block-1b") | ~partial.method.isin(["sgd", "adamw-foreach"])
     pd.testing.assert_frame_equal(partial[kept], step[kept])
     assert not partial[~kept].equals(step[~kept])  # sgd and the reference on micro were timed again
+    # a table that nothing timed now adds to (SWAN's compute floor) is kept, not emptied
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "compute_floor.csv"), tables["compute_floor"])
     raw = pd.read_csv(tmp_path / "raw_times.csv")
     assert set(raw[raw.table == "optimizer_step"].comparison) == set(tables["raw_times"].query(
         "table == 'optimizer_step'").comparison)

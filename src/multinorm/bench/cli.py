@@ -141,9 +141,11 @@ def _keys(frame: pd.DataFrame, key: list[str]) -> list[tuple]:
 def _merged(path: Path, new: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     """The table at ``path`` with each row that ``new`` measured again replaced in place (same setting, device,
     dtype and method) and ``new``'s other rows appended: how a run with ``--methods`` updates the tables."""
-    if not path.exists() or new.empty:
+    if not path.exists():
         return new
     old = pd.read_csv(path)
+    if new.empty:  # nothing of this table measured now (e.g. SWAN's compute floor): keep it as it was
+        return _frame(old.to_dict("records"), columns)
     fresh = dict(zip(_keys(new, ROW_KEY), new.to_dict("records")))
     rows = [fresh.pop(k, r) for k, r in zip(_keys(old, ROW_KEY), old.to_dict("records"))]
     return _frame(rows + list(fresh.values()), columns)
