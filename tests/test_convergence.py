@@ -8,7 +8,8 @@ import pytest
 
 from multinorm.convergence import (ConvergenceStudy, StudyMethod, _extension, bench_throughput,
                                    bench_throughput_ratios, best_config, interior, paired_comparisons,
-                                   results_table, seed_curves, selection_bias, verdict_lines, verdict_table)
+                                   results_table, seed_curves, selection_bias, verdict_lines, verdict_table,
+                                   comparison_table, speedup_groups, speedup_text)
 from multinorm.train import TrainConfig
 
 
@@ -129,6 +130,24 @@ def test_results_table_and_verdict_lines_carry_the_intervals():
     assert "not distinguishable from 0" in lines[2]
     assert lines[3] == "* Regime checks: R1: bigram - baseline = 0.31 (met); R2: frozen hidden - baseline = 0.2 (NOT met)."
     assert len(verdict_lines(verdicts, grids.assign(interior=True), regime)) == 3
+
+    # censored seeds (the target never reached within the budget): the value is a bound, and reads as one
+    censored = verdicts.assign(ours=1.0, ci_low=1.0, ci_high=1.0, n=5, censored=5, verdict="contradicted")
+    assert verdict_lines(censored, grids, regime)[0] == (
+        "* X is 2x faster (paper: 2x): ours **< 1.00×** (5/5 seeds never reached base's loss within the budget) "
+        "→ **contradicted**.")
+    some = verdicts.assign(n=5, censored=2, source="study runs")
+    assert comparison_table(some)["ours [95 % CI]"].iloc[0] == "≤ 1.50 [1.20, 1.90] (2/5 not reached)"
+    assert speedup_text(1.5, 1.2, 1.9, 5, 0) == "1.50 [1.20, 1.90]"
+
+
+def test_speedup_groups_read_bounds_as_bounds():
+    rows = [("fast", 1.2, 1.1, 1.3, 5, 0), ("slow", 0.8, 0.7, 0.9, 5, 0), ("never", 1.0, 1.0, 1.0, 3, 3),
+            ("tie", 1.0, 0.9, 1.1, 5, 0), ("bound", 1.2, 1.1, 1.3, 5, 2)]
+    comparisons = pd.DataFrame([{"method": m, "quantity": "speedup_100", "estimate": e, "ci_low": lo, "ci_high": hi,
+                                 "n": n, "censored": c} for m, e, lo, hi, n, c in rows])
+    assert speedup_groups(comparisons) == {"faster": ["fast"], "slower": ["slow"], "never reached": ["never"],
+                                           "undecided": ["tie", "bound"]}
 
 
 @pytest.mark.slow

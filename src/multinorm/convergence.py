@@ -36,7 +36,8 @@ from multinorm.sweep import load_curves, run_grid
 from multinorm.train import TrainConfig
 
 __all__ = ["StudyMethod", "ConvergenceStudy", "FRACTIONS", "CLAIMS", "paired_comparisons", "selection_bias",
-           "verdict_table", "bench_throughput_ratios", "bench_throughput", "results_table", "verdict_lines"]
+           "verdict_table", "bench_throughput_ratios", "bench_throughput", "results_table", "verdict_lines",
+           "speedup_text", "comparison_table", "speedup_groups"]
 
 FRACTIONS = (0.5, 0.75, 1.0)
 ADAMW_BETA2 = (0.95, 0.999)
@@ -268,12 +269,13 @@ def bench_throughput_ratios(raw_times: pd.DataFrame, method: str, reference: str
     return (wide[reference] / wide[method]).to_numpy(float)
 
 
-def _speedups(final: pd.DataFrame, curves: pd.DataFrame, method: str, reference: str) -> tuple[list, list]:
+def _speedups(final: pd.DataFrame, curves: pd.DataFrame, method: str, reference: str) -> tuple[list, list, int]:
+    """Seeds, speed-ups at 100 % and how many of them are censored (bounds)."""
     ref, runs = final[final.method == reference].set_index("seed"), final[final.method == method].set_index("seed")
     seeds = sorted(set(ref.index) & set(runs.index))
-    speed = [token_speedup(*_curve(curves, ref.loc[s, "run_id"]), *_curve(curves, runs.loc[s, "run_id"]), 1.0)[0]
+    pairs = [token_speedup(*_curve(curves, ref.loc[s, "run_id"]), *_curve(curves, runs.loc[s, "run_id"]), 1.0)
              for s in seeds]
-    return seeds, speed
+    return seeds, [value for value, _ in pairs], sum(bool(cut) for _, cut in pairs)
 
 
 def effective_throughput(final: pd.DataFrame, curves: pd.DataFrame, method: str, reference: str,
@@ -283,7 +285,7 @@ def effective_throughput(final: pd.DataFrame, curves: pd.DataFrame, method: str,
     With ``throughput`` (per-round ratios from :func:`bench_throughput_ratios`) the two independent samples
     are combined by :func:`multinorm.stats.product_ci`; without it each seed's speed-up is multiplied by the
     same seed's tokens/s ratio from the run records."""
-    seeds, speed = _speedups(final, curves, method, reference)
+    seeds, speed, _ = _speedups(final, curves, method, reference)
     if not seeds:
         return None
     if throughput is not None:
@@ -318,6 +320,8 @@ def verdict_table(final: pd.DataFrame, curves: pd.DataFrame, baseline: str,
             ci = effective_throughput(final, curves, method, reference, bench)
             source = "study runs x make bench" if bench is not None else source
             est, lo, hi, n = (ci.estimate, ci.low, ci.high, ci.n) if ci else (math.nan,) * 3 + (0,)
+            seeds, _, censored = _speedups(final, curves, method, reference)  # the speed-ups that are bounds
+            n = len(seeds) if ci else 0
         else:
             table = paired_comparisons(final[final.method.isin([method, reference])], curves, reference)
             r = table[(table.method == method) & (table.quantity == quantity)].iloc[0]
@@ -373,6 +377,47 @@ def _with_ci(row: Any, fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(row.estimate)} [{fmt.format(row.ci_low)}, {fmt.format(row.ci_high)}]"
 
 
+def speedup_text(estimate: float, low: float, high: float, n: int, censored: int, times: str = "") -> str:
+    """A token speed-up for reading: ``1.45 [1.37, 1.53]``; with censored seeds (which never reached the target
+    within the budget, so their bound stands in for a smaller value) ``≤ 0.87 [0.77, 0.98] (1/5 not reached)``,
+    and ``< 1.00 (5/5 not reached)`` when no seed reached it (the interval of equal bounds says nothing more)."""
+    if n and censored == n:
+        return f"< {high:.2f}{times} ({censored}/{n} not reached)"
+    text = f"{estimate:.2f}{times} [{low:.2f}, {high:.2f}]"
+    return f"≤ {text} ({censored}/{n} not reached)" if censored else text
+
+
+def comparison_table(verdicts: pd.DataFrame) -> pd.DataFrame:
+    """:func:`verdict_table` for README: the references by name and ``ours`` with its interval in one column
+    (:func:`speedup_text`, so a bound from censored seeds reads as one)."""
+    from multinorm.report import method_label
+
+    ours = [speedup_text(v.ours, v.ci_low, v.ci_high, int(v.n), int(v.censored)) for v in verdicts.itertuples()]
+    return pd.DataFrame({"claim": verdicts.claim, "paper": verdicts.paper, "ours [95 % CI]": ours,
+                         "seeds or rounds": verdicts.n, "reference": verdicts.reference.map(method_label),
+                         "source": verdicts.source, "verdict": verdicts.verdict})
+
+
+def speedup_groups(comparisons: pd.DataFrame, quantity: str = "speedup_100") -> dict[str, list[str]]:
+    """The methods of :func:`paired_comparisons` grouped by what one token speed-up says: ``faster`` (interval
+    above 1, no censored seed), ``slower`` (interval below 1), ``never reached`` (no seed reached the target within
+    the budget: slower on every seed, by an unknown amount) and ``undecided`` (interval containing 1, or above 1
+    only through bounds)."""
+    groups: dict[str, list[str]] = {"faster": [], "slower": [], "never reached": [], "undecided": []}
+    for r in comparisons[comparisons.quantity == quantity].itertuples():
+        if not np.isfinite(r.ci_low):
+            continue
+        if r.n and r.censored == r.n:
+            groups["never reached"].append(r.method)
+        elif r.ci_high < 1:
+            groups["slower"].append(r.method)
+        elif r.ci_low > 1 and not r.censored:
+            groups["faster"].append(r.method)
+        else:
+            groups["undecided"].append(r.method)
+    return groups
+
+
 def results_table(final: pd.DataFrame, comparisons: pd.DataFrame, methods: Sequence[str],
                   baseline: str) -> pd.DataFrame:
     """One row per method for README: tuned lr, seeds, mean final loss, and against the baseline the paired
@@ -393,7 +438,8 @@ def results_table(final: pd.DataFrame, comparisons: pd.DataFrame, methods: Seque
             row["Δ loss vs baseline"] = _with_ci(c.loc["final_loss_diff"], "{:+.3f}")
             for f in FRACTIONS:
                 q = c.loc[f"speedup_{int(f * 100)}"]
-                row[f"speed-up @{int(f * 100)}%"] = _with_ci(q) + (f" ({int(q.censored)} cens.)" if q.censored else "")
+                row[f"speed-up @{int(f * 100)}%"] = speedup_text(q.estimate, q.ci_low, q.ci_high, int(q.n),
+                                                                 int(q.censored))
             row["tokens/s ratio"] = _with_ci(c.loc["throughput_ratio"])
         rows.append(row)
     return pd.DataFrame(rows)
@@ -405,8 +451,15 @@ def verdict_lines(verdicts: pd.DataFrame, grids: pd.DataFrame, regime: pd.DataFr
     interior, the pooled selection bias (a row of :func:`selection_bias`) and the regime checks R1-R3."""
     from multinorm.report import method_label
 
-    lines = [f"* {v.claim} (paper: {v.paper}): ours **{v.ours:.2f}×** [{v.ci_low:.2f}, {v.ci_high:.2f}] "
-             f"vs {method_label(v.reference)} → **{v.verdict}**." for v in verdicts.itertuples()]
+    lines = []
+    for v in verdicts.itertuples():
+        n, censored, ref = int(getattr(v, "n", 0) or 0), int(getattr(v, "censored", 0) or 0), method_label(v.reference)
+        if n and censored == n:
+            ours = f"**< {v.ci_high:.2f}×** ({censored}/{n} seeds never reached {ref}'s loss within the budget)"
+        else:
+            ours = f"**{'≤ ' if censored else ''}{v.ours:.2f}×** [{v.ci_low:.2f}, {v.ci_high:.2f}] vs {ref}"
+            ours += f" ({censored}/{n} seeds never reached it: their bounds used)" if censored else ""
+        lines.append(f"* {v.claim} (paper: {v.paper}): ours {ours} → **{v.verdict}**.")
     edges = grids[~grids.interior.astype(bool)].method.tolist()
     lines.append("* Every tuned lr is an interior point of its grid." if not edges else
                  "* Best lr on an edge of its grid after the allowed extensions: "
