@@ -10,8 +10,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from multinorm.playground import (REPO, LossPlot, Playground, Settings, reference_curve, repo_path, run_figure,
-                                  tuned_run)
+from multinorm.playground import (REPO, LossPlot, Playground, Settings, reference_curve, reference_train_curve,
+                                  repo_path, run_figure, tuned_run)
 from multinorm.studies import NOTEBOOKS
 
 NOTEBOOK = REPO / "notebooks" / "00_playground.ipynb"
@@ -83,6 +83,22 @@ def test_the_overlay_is_the_studys_curve_or_a_reason_why_not(tmp_path):
     assert reference_curve("swan", curves)[0] is None and "no SWAN" in reference_curve("swan", curves)[1]
     missing = reference_curve("sinkgd", tmp_path / "none.csv")
     assert missing[0] is None and "missing" in missing[1]
+
+
+def test_the_overlay_adds_the_tuned_runs_mean_training_loss(tmp_path):
+    (tmp_path / "convergence").mkdir()
+    final = tmp_path / "convergence" / "final_runs.csv"
+    pd.DataFrame({"method": ["sinkgd", "sinkgd", "swan"], "seed": [0, 1, 0], "run_id": ["a", "b", "c"]}).to_csv(final)
+    for run, losses in (("a", [7.0, 6.0]), ("b", [6.0, 5.0])):
+        folder = tmp_path / "runs" / "convergence" / run
+        folder.mkdir(parents=True)
+        rows = [{"step": 0, "tokens": 0, "train_loss": None, "val_loss": 7.5}] + [
+            {"step": i + 1, "tokens": 100 * (i + 1), "train_loss": x, "val_loss": None} for i, x in enumerate(losses)]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train = reference_train_curve("sinkgd", final)
+    assert train.tokens.tolist() == [100, 200] and train["mean"].tolist() == [6.5, 5.5]
+    assert reference_train_curve("swan", final) is None  # its record is not there
+    assert reference_train_curve("sinkgd", write_study(tmp_path)[1]) is None  # a table without run ids
 
 
 def test_the_plot_follows_the_rows_and_flags_a_study_of_another_setting(tmp_path):

@@ -44,6 +44,7 @@ from multinorm.sweep import config_key, load_curves, run_grid, run_id
 from multinorm.train import TrainConfig
 
 __all__ = ["REPO", "RUNS_DIR", "CURVES_CSV", "FINAL_RUNS_CSV", "repo_path", "Settings", "tuned_run", "reference_curve",
+           "reference_train_curve",
            "BackgroundRun", "LossPlot", "run_figure", "describe", "Playground", "lr_sweep", "sweep_figure"]
 
 REPO = repo_root()
@@ -136,6 +137,25 @@ def reference_curve(method: str, curves_csv: str | Path = CURVES_CSV) -> tuple[p
                    f"{curve.tokens.max():,.0f}-token runs (their own warm-up and cosine schedule)")
 
 
+def reference_train_curve(method: str, final_runs_csv: str | Path = FINAL_RUNS_CSV) -> pd.DataFrame | None:
+    """The mean training loss (columns tokens, mean) of the convergence study's reported runs of `method`, from
+    their run records (``results/runs/convergence/<run_id>/metrics.jsonl``, next to `final_runs_csv`'s folder):
+    logged every few steps, it shows the shape between the validation points. None if no record is there."""
+    path = repo_path(final_runs_csv)
+    if not path.exists():
+        return None
+    runs = pd.read_csv(path)
+    if "run_id" not in runs:
+        return None
+    folder = path.parent.parent / "runs" / "convergence"
+    rows = [r for run in runs.loc[runs.method == method, "run_id"] if (folder / run / "metrics.jsonl").exists()
+            for r in _complete_rows(folder / run) if r.get("train_loss") is not None]
+    if not rows:
+        return None
+    frame = pd.DataFrame(rows)
+    return frame.groupby("tokens", as_index=False).train_loss.mean().rename(columns={"train_loss": "mean"})
+
+
 def _complete_rows(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl as written so far: complete lines only (the trainer may be appending one)."""
     path = run_dir / "metrics.jsonl"
@@ -225,14 +245,20 @@ class LossPlot:
     # Validation losses of the untrained model (token 0) further apart than this mean another setting.
     SAME_START = 0.1
 
-    def __init__(self, cfg: TrainConfig, method: str | None = None, curves_csv: str | Path = CURVES_CSV):
+    def __init__(self, cfg: TrainConfig, method: str | None = None, curves_csv: str | Path = CURVES_CSV,
+                 final_runs_csv: str | Path = FINAL_RUNS_CSV):
         self.budget = cfg.tokens
         self.reference, self.note = reference_curve(method or cfg.optimizer, curves_csv)
         self.figure = Figure(figsize=(8, 4.5), layout="constrained")
         ax = self.ax = self.figure.add_subplot()
         if self.reference is not None:
             ref = self.reference
-            ax.plot(ref.tokens, ref["mean"], color="gray", lw=1.8, label="tuned (convergence study)")
+            train = reference_train_curve(method or cfg.optimizer, final_runs_csv)
+            if train is not None:
+                ax.plot(train.tokens, train["mean"], color="gray", lw=0.9, alpha=0.7,
+                        label="tuned: training loss (mean of seeds)")
+            ax.plot(ref.tokens, ref["mean"], "o-", color="gray", lw=1.8, ms=4,
+                    label="tuned: validation loss (convergence study)")
             if {"ci_low", "ci_high"} <= set(ref.columns):
                 ax.fill_between(ref.tokens, ref.ci_low, ref.ci_high, color="gray", alpha=0.2, lw=0)
         self.train_line, = ax.plot([], [], color="C0", lw=0.8, alpha=0.6, label="this run: training loss")
@@ -381,7 +407,7 @@ class Playground:
         except ValueError as exc:  # ConfigError: a bad setting
             self.status.value = f"<b>not started</b>: {exc}"
             return
-        self.plot = LossPlot(cfg, curves_csv=self.curves_csv)
+        self.plot = LossPlot(cfg, curves_csv=self.curves_csv, final_runs_csv=self.final_runs_csv)
         self._draw()
         self.train_button.disabled, self.stop_button.disabled = True, False
         self.status.value = f"starting {cfg.run_id} ({cfg.steps} steps) ..."
