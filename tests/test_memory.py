@@ -97,3 +97,11 @@ def test_unknown_method_names_raise_a_clear_error(name):
         state_elements("nano", name, vocab_size=4096)
     with pytest.raises(ValueError, match="unknown method"):
         analytic_memory("nano", name, vocab_size=4096)
+
+
+def test_the_compiled_sinkgd_step_has_a_fixed_resident_cost():
+    """numba, llvmlite and the compiled loop stay resident once SinkGD's fused CPU step has run (notebook 03
+    sets it against the peak RSS of SinkGD and AdamW runs)."""
+    from multinorm.memory import compiled_step_rss_bytes
+
+    assert 10e6 < compiled_step_rss_bytes() < 1e9

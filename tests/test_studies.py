@@ -33,7 +33,8 @@ def test_run_folders_give_the_training_time_of_a_campaign_over_several_sittings(
 
     monkeypatch.setattr(studies.os, "cpu_count", lambda: 2)
     runs = [("convergence", "a", "completed", 3600.0, 1), ("convergence", "b", "completed", 1800.0, 2),
-            ("convergence", "c", "interrupted", 900.0, 1), ("ablations", "d", "completed", 7200.0, 1)]
+            ("convergence", "c", "interrupted", 900.0, 1), ("ablations", "d", "completed", 7200.0, 1),
+            ("playground", "e", "completed", 60.0, 1)]  # a playground run: not a study's
     for study, name, status, wall, threads in runs:
         folder = tmp_path / "runs" / study / name
         folder.mkdir(parents=True)
@@ -41,7 +42,7 @@ def test_run_folders_give_the_training_time_of_a_campaign_over_several_sittings(
         (folder / "config.json").write_text(json.dumps({"torch_threads": threads}))
     table = studies.run_time_table(tmp_path).set_index("study")
     assert table.loc["convergence", "runs"] == 2 and table.loc["convergence", "core_hours"] == pytest.approx(2.0)
-    assert table.loc["ablations", "hours"] == pytest.approx(1.0)
+    assert table.loc["ablations", "hours"] == pytest.approx(1.0) and "playground" not in table.index
     _write_timing(tmp_path, "default", {})  # a resumed sitting: no notebook timing, the runs' time all the same
     text = (tmp_path / "notebooks" / "readme_timing.md").read_text()
     assert "(none recorded yet)" in text and not (tmp_path / "notebooks" / "timing.csv").exists()

@@ -47,7 +47,8 @@ from functools import lru_cache
 
 from multinorm.llama import MODEL_CONFIGS, build_model, split_parameters
 
-__all__ = ["METHODS", "DEFAULT_RANKS", "default_rank", "hidden_shapes", "state_elements", "analytic_memory"]
+__all__ = ["METHODS", "DEFAULT_RANKS", "default_rank", "hidden_shapes", "state_elements", "analytic_memory",
+           "compiled_step_rss_bytes"]
 
 # Projection ranks of the benchmark scripts (docs/benchmark.md#projection-ranks); APOLLO-Mini is rank 1 at
 # every size.
@@ -124,3 +125,31 @@ def analytic_memory(model: str, method: str, rank: int | None = None, bytes_per_
     total = bytes_per_value * (n_weights + states)
     return {"model": model, "method": method, "parameters": n_weights, "state_elements": states,
             "bytes": total, "GB": total / 1e9, "GiB": total / 2**30}
+
+
+_COMPILED_STEP_PROBE = """
+import json, torch
+from multinorm.optim import SinkGD
+def rss():  # resident bytes now (a peak could hide the increase behind an earlier transient)
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+W = torch.nn.Parameter(torch.randn(64, 32)); W.grad = torch.randn(64, 32)
+SinkGD([W], fused=False).step()  # torch's own operators warmed up first
+before = rss()
+SinkGD([W]).step()
+print(json.dumps({"before": before, "after": rss()}))
+"""
+
+
+def compiled_step_rss_bytes() -> int:
+    """How much SinkGD's compiled CPU step (:mod:`multinorm.optim.sinkgd_cpu`) adds to a fresh process's resident
+    memory: numba and llvmlite imported, the compiled loop loaded (from numba's cache, or compiled). A fixed cost
+    per process, whatever the model size, that stays resident; measured in a subprocess so that nothing is loaded
+    already (Linux: ``/proc/self/status``)."""
+    import json
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _COMPILED_STEP_PROBE], capture_output=True, text=True, check=True)
+    probe = json.loads(out.stdout.strip().splitlines()[-1])
+    return probe["after"] - probe["before"]

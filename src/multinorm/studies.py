@@ -149,11 +149,12 @@ def run_time_table(results_dir: Path) -> "pd.DataFrame":
     """Training time recorded by the finished runs under ``<results>/runs/<study>/``, per study: the number of
     runs, core-hours (each run's wall time x its torch threads; JOBS=2 on 2 cores runs two one-thread runs at
     once) and the hours that makes on this machine's cores. It is summed over every sitting, so it measures a
-    campaign computed with RESUME=1 as well as one uninterrupted `make figures`."""
+    campaign computed with RESUME=1 as well as one uninterrupted `make figures`. The playground's runs (not a
+    study, and not committed) are left out."""
     import pandas as pd
 
     rows = []
-    for study in sorted(p for p in (results_dir / "runs").glob("*") if p.is_dir()):
+    for study in sorted(p for p in (results_dir / "runs").glob("*") if p.is_dir() and p.name != "playground"):
         seconds, n = 0.0, 0
         for summary_path in study.glob("*/summary.json"):
             summary = json.loads(summary_path.read_text())

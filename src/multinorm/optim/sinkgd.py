@@ -78,13 +78,14 @@ class SinkGD(StatelessMatrixOptimizer):
         return sr_sinkhorn(grads, group["iters"], group["eps"])
 
     def update_batch(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        from . import sinkgd_cpu  # numba is imported on the first CPU step, not with the package
+        if group["fused"] and grads[0].device.type == "cpu":
+            from . import sinkgd_cpu  # numba is imported on the first fused CPU step, not with the package
 
-        if group["fused"] and all(sinkgd_cpu.usable(p, g) for p, g in zip(params, grads)):
-            for p, g in zip(params, grads):
-                sinkgd_cpu.sinkgd_matrix_step(p, g, group["iters"], group["eps"], group["lr"],
-                                              group["weight_decay"], group["maximize"])
-            return
+            if all(sinkgd_cpu.usable(p, g) for p, g in zip(params, grads)):
+                for p, g in zip(params, grads):
+                    sinkgd_cpu.sinkgd_matrix_step(p, g, group["iters"], group["eps"], group["lr"],
+                                                  group["weight_decay"], group["maximize"])
+                return
         A = self.scratch((len(grads),) + tuple(grads[0].shape), compute_dtype(grads[0].dtype), grads[0].device)
         if len(grads) == 1 and A.device.type == "cpu" and A.numel() > CACHE_BLOCK:
             return self._update_large(group, params[0], grads[0], A[0])
