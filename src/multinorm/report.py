@@ -30,6 +30,8 @@ METHOD_LABELS = {
     "frozen-hidden": "hidden frozen (control)",
     # The fully stateless reading of SWAN-0 (memory accounting only; not an optimizer of the registry).
     "swan-0": "SWAN-0 (fully stateless)",
+    # implementations compared by `make bench`
+    "adamw-foreach": "AdamW (foreach)", "adamw-fused": "AdamW (fused)", "sinkgd-torch": "SinkGD (torch ops)",
 }
 
 
@@ -52,6 +54,10 @@ METHOD_STYLES: dict[str, dict[str, str]] = {
     "apollo-mini": {"color": "#5e3c99", "marker": "p", "ls": "-"},
     "fira": {"color": "#c51b7d", "marker": "*", "ls": "-"},
     "swan-0": {"color": "#a6761d", "marker": "d", "ls": "-"},
+    # another implementation of a method: its colour, another marker
+    "adamw-foreach": {"color": "#333333", "marker": "s", "ls": "-"},
+    "adamw-fused": {"color": "#333333", "marker": "^", "ls": "-"},
+    "sinkgd-torch": {"color": "#0173b2", "marker": "o", "ls": "-"},
 }
 _UNKNOWN_STYLE = {"color": "#000000", "marker": ".", "ls": ":"}
 
