@@ -3,7 +3,7 @@
 import matplotlib.colors as mcolors
 
 from multinorm.optim import OPTIMIZERS
-from multinorm.report import METHOD_STYLES, method_colors, method_label, method_style
+from multinorm.report import IMPLEMENTATIONS, METHOD_STYLES, method_colors, method_label, method_style
 
 STUDY_METHODS = ["adamw", "adamw-split", "frozen-hidden", "sgd", "sinkgd", "swan", "muon", "galore", "apollo-mini",
                  "apollo", "fira"]
@@ -14,9 +14,11 @@ def test_every_registry_optimizer_and_study_method_has_its_own_style():
         assert name in METHOD_STYLES, name
         style = method_style(name)
         assert set(style) == {"color", "marker", "ls", "label"} and style["label"] == method_label(name)
-    colors = [mcolors.to_hex(s["color"]) for s in METHOD_STYLES.values()]
+    colors = [mcolors.to_hex(s["color"]) for name, s in METHOD_STYLES.items() if name not in IMPLEMENTATIONS]
     markers = [s["marker"] for s in METHOD_STYLES.values()]
     assert len(set(colors)) == len(colors) and len(set(markers)) == len(markers)
+    for variant, method in IMPLEMENTATIONS.items():  # another implementation: the method's colour
+        assert METHOD_STYLES[variant]["color"] == METHOD_STYLES[method]["color"]
 
 
 def test_baseline_is_neutral_and_the_control_dashed():

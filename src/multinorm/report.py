@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["set_style", "save_figure", "reuse_tables", "markdown_table", "replace_section", "update_readme",
-           "METHOD_LABELS", "METHOD_STYLES", "method_label", "method_style", "method_colors"]
+           "METHOD_LABELS", "METHOD_STYLES", "IMPLEMENTATIONS", "method_label", "method_style", "method_colors"]
 
 METHOD_LABELS = {
     "adamw": "AdamW", "sgd": "SGD", "sinkgd": "SinkGD", "swan": "SWAN", "swan-nsds": "SWAN (NSDS)",
@@ -54,11 +54,12 @@ METHOD_STYLES: dict[str, dict[str, str]] = {
     "apollo-mini": {"color": "#5e3c99", "marker": "p", "ls": "-"},
     "fira": {"color": "#c51b7d", "marker": "*", "ls": "-"},
     "swan-0": {"color": "#a6761d", "marker": "d", "ls": "-"},
-    # another implementation of a method: its colour, another marker
-    "adamw-foreach": {"color": "#333333", "marker": "s", "ls": "-"},
-    "adamw-fused": {"color": "#333333", "marker": "^", "ls": "-"},
-    "sinkgd-torch": {"color": "#0173b2", "marker": "o", "ls": "-"},
+    # another implementation of a method (IMPLEMENTATIONS): the method's colour, a marker of its own
+    "adamw-foreach": {"color": "#333333", "marker": "8", "ls": "-"},
+    "adamw-fused": {"color": "#333333", "marker": "H", "ls": "-"},
+    "sinkgd-torch": {"color": "#0173b2", "marker": "+", "ls": "-"},
 }
+IMPLEMENTATIONS = {"adamw-foreach": "adamw", "adamw-fused": "adamw", "sinkgd-torch": "sinkgd"}
 _UNKNOWN_STYLE = {"color": "#000000", "marker": ".", "ls": ":"}
 
 
