@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -303,6 +304,35 @@ def test_cli_rejects_bad_input_with_one_line(args, message, capsys):
 def test_any_finite_nonnegative_lr_is_accepted():
     for lr, hparams in ((0.0, {}), (0.0, {"adam_lr": 0.0}), (0.0, {"adam_lr": 3e-3}), (2.0, {"adam_lr": 0})):
         TrainConfig(lr=lr, hparams=hparams).validate()
+
+
+def test_a_learning_rate_from_numpy_becomes_a_python_number_and_its_run_resumes(tmp_path, signal_at):
+    """A grid computed with numpy (tuned lr x multipliers) gives numpy scalars; they are stored as Python
+    floats, so the checkpoint loads with weights_only=True and the run resumes to the uninterrupted result."""
+    lr = np.float64(1e-3) * np.float64(2.0)
+    cfg = micro(tmp_path, optimizer="sinkgd", lr=lr, hparams={"adam_lr": np.float32(0.5) * 4e-3}, run_id="np")
+    assert type(cfg.lr) is float and cfg.lr == 2e-3 and type(cfg.hparams["adam_lr"]) is float
+    assert cfg.default_run_id() == micro(tmp_path, optimizer="sinkgd", lr=2e-3).default_run_id()
+    full = train(dataclasses.replace(cfg, run_id="np-full"))
+    signal_at(step=2)  # only the first run after this is signalled
+    assert train(cfg).status == "interrupted"
+    ckpt = load_checkpoint(tmp_path / "runs" / "np" / "checkpoint.pt")
+    assert all(type(group["lr"]) is float for group in ckpt["optimizer"]["param_groups"])
+    resumed = train(cfg, resume=True)
+    assert resumed.status == "completed"
+    assert comparable(read_metrics(resumed.run_dir)) == comparable(read_metrics(full.run_dir))
+
+
+def test_a_checkpoint_holding_numpy_scalars_still_loads(tmp_path):
+    """Checkpoints written before learning rates were made Python floats hold numpy scalars: they load."""
+    ckpt = train(micro(tmp_path, run_id="old", tokens=2 * 32 * 2)).run_dir / "checkpoint.pt"
+    state = load_checkpoint(ckpt)
+    for group in state["optimizer"]["param_groups"]:
+        group["lr"], group["initial_lr"] = np.float64(group["lr"]), np.float64(group["initial_lr"])
+    torch.save({**state, "seen": np.float32(1.5), "count": np.int64(3)}, ckpt)
+    loaded = load_checkpoint(ckpt)
+    assert loaded["seen"] == np.float32(1.5) and loaded["count"] == 3
+    assert loaded["optimizer"]["param_groups"][0]["lr"] == state["optimizer"]["param_groups"][0]["lr"]
 
 
 class Foreign:

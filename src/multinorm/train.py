@@ -102,6 +102,12 @@ class TrainConfig:
     progress: bool = True
     parallel: str | None = None
 
+    def __post_init__(self) -> None:
+        # A learning rate computed with numpy or pandas (a grid times a tuned lr) is a numpy scalar; it would
+        # reach the optimizer's param_groups and make every checkpoint refuse to load with weights_only=True.
+        self.lr = _plain(self.lr)
+        self.hparams = {key: _plain(value) for key, value in self.hparams.items()}
+
     @property
     def tokens_per_step(self) -> int:
         return self.batch_size * self.seq_len
@@ -275,13 +281,29 @@ _PROJECTOR_CLASSES = (
 )
 
 
-def _allowed_classes(path: Path) -> list[type]:
-    """The projector classes that the checkpoint at `path` refers to, imported from their packages."""
-    needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) & set(_PROJECTOR_CLASSES)
+# numpy scalars: a learning rate that came from numpy, in checkpoints written before TrainConfig turned
+# such values into Python numbers. Rebuilding one runs no code beyond numpy's own.
+_NUMPY_SCALAR = ("numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar")
+
+
+def _numpy_scalar_types() -> list[Any]:
+    """What unpickling a numpy scalar touches: its reconstructor, np.dtype and the concrete dtype classes
+    (the last are not listed by get_unsafe_globals_in_checkpoint, so all of them are allowed)."""
+    import numpy as np
+
+    dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
+    return [np._core.multiarray.scalar, np.dtype, *dtype_classes]
+
+
+def _allowed_classes(path: Path) -> list[Any]:
+    """The projector classes and numpy scalar types that the checkpoint at `path` refers to, imported."""
+    unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
     classes = []
-    for name in sorted(needed):
+    for name in sorted(unsafe & set(_PROJECTOR_CLASSES)):
         module, _, qualname = name.rpartition(".")
         classes.append(getattr(importlib.import_module(module), qualname))
+    if unsafe & set(_NUMPY_SCALAR):
+        classes += _numpy_scalar_types()
     return classes
 
 
@@ -305,6 +327,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise ConfigError(f"{path} is not a training checkpoint (missing {', '.join(sorted(missing))})")
     return ckpt
+
+
+def _plain(value: Any) -> Any:
+    """A numpy scalar as the Python number it holds; anything else unchanged."""
+    item = getattr(value, "item", None)
+    if callable(item) and getattr(value, "shape", None) == () and not isinstance(value, torch.Tensor):
+        return item()
+    return value
 
 
 def _one_line(exc: Exception) -> str:
