@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from multinorm import bench
-from multinorm.bench.targets import bandwidth_bound, evaluate_targets, summary_markdown
+from multinorm.bench.targets import bandwidth_bound, evaluate_targets, optimizer_ceiling, summary_markdown
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -176,6 +176,22 @@ def test_summary_markdown_lists_targets_and_profile():
     assert "| backward | 40.0 ms (40%) | 40.0 ms (40%) |" in text
     assert text.count("not measured") == 2
     assert "cpu float32 sinkgd 5,000 (1.020x adamw, 0.900-1.100)" in text
+
+
+def test_optimizer_ceiling_bounds_the_training_ratio_by_the_optimizer_phase():
+    """AdamW: 90 ms of work + 10 ms optimizer; SinkGD's optimizer 4 ms: a free step gives 100/90, SinkGD's 100/94."""
+    phases = {"adamw": (("forward", 30.0), ("backward", 60.0), ("optimizer", 10.0)),
+              "sinkgd": (("forward", 31.0), ("backward", 62.0), ("optimizer", 4.0))}
+    profile = pd.DataFrame([{"model": "nano", "device": "cpu", "dtype": "float32", "batch_size": 8, "seq_len": 256,
+                             "optimizer": opt, "phase": phase, "ms_per_step": ms, "fraction": ms / 100}
+                            for opt, rows in phases.items() for phase, ms in rows])
+    row = optimizer_ceiling(profile).iloc[0]
+    assert row["ceiling"] == pytest.approx(100 / 90) and row["predicted"] == pytest.approx(100 / 94)
+    assert optimizer_ceiling(profile, method="swan").empty
+    tables = _tables(tokens_ratio=0.98) | {"train_profile": profile}
+    text = summary_markdown(tables, evaluate_targets(tables), {})
+    assert "at most 1.111x" in text and "predicts 1.064x" in text and "0.980x (0.900-1.100 over rounds)" in text
+    assert "What the optimizer allows" not in summary_markdown(_tables(), evaluate_targets(_tables()), {})
 
 
 def test_bandwidth_bound_divides_sinkgds_floor_by_the_adamw_foreach_step():

@@ -30,7 +30,7 @@ RAW_COLUMNS = ["table", "setting", "device", "dtype", "comparison", "round", "na
 INT_COLUMNS = {"cores", "jobs", "threads_per_run", "steps", "threads", "matrices", "params", "rounds", "state_bytes", "peak_extra_bytes", "host_syncs", "bytes",
                "matmul_n", "vocab_size", "batch_size", "seq_len", "steps_profiled", "round", "calls"}
 # option: (full run, --quick); None in the parsed arguments means "not given"
-DEFAULTS = {"rounds": (7, 2), "slow_rounds": (3, 2), "min_run_time": (0.2, 0.01), "bandwidth_mib": (1024, 32),
+DEFAULTS = {"rounds": (7, 2), "train_rounds": (21, 2), "slow_rounds": (3, 2), "min_run_time": (0.2, 0.01), "bandwidth_mib": (1024, 32),
             "profile_steps": (4, 2), "jobs_steps": (20, 0)}
 
 
@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "from its own interleaved comparison")
     p.add_argument("--rounds", type=int, default=None,
                    help="interleaved rounds per comparison (default 7; --quick 2)")
+    p.add_argument("--train-rounds", type=int, default=None,
+                   help="interleaved rounds of the training-step comparison (default 21; --quick 2): a nano step "
+                        "varies by a few percent from round to round, more than the optimizers differ")
     p.add_argument("--slow-rounds", type=int, default=None,
                    help="rounds for a step that takes over --slow-step seconds (default 3; --quick 2)")
     p.add_argument("--slow-step", type=float, default=1.0, help="seconds above which a step counts as slow (default 1)")
@@ -98,8 +101,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = sorted(set(args.methods) - valid)
         if unknown:
             p.error(f"unknown methods {', '.join(unknown)}; valid: {', '.join(sorted(valid))}")
-    if min(args.rounds, args.slow_rounds) < 1:
-        p.error("--rounds and --slow-rounds must be >= 1")
+    if min(args.rounds, args.train_rounds, args.slow_rounds) < 1:
+        p.error("--rounds, --train-rounds and --slow-rounds must be >= 1")
     return args
 
 
@@ -236,7 +239,7 @@ def _run_training(args, devices: list[torch.device], out: Path, log) -> None:
             log(f"  training part skipped: {setup.dataset} could not be loaded: {exc}")
             return
         loops = make_loops(optimizers, setup, data, device, dtype)
-        rows, times = train_throughput(loops, setup, device, dtype, args.rounds, 5 * args.min_run_time)
+        rows, times = train_throughput(loops, setup, device, dtype, args.train_rounds, 5 * args.min_run_time)
         throughput += rows
         raw.append(times.assign(setting=setup.model, device=device.type, dtype=dtype_name, comparison="training step"))
         for r in rows:
@@ -272,7 +275,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
               ([torch.device("cuda")] if has_cuda and args.device in ("auto", "cuda") else [])
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
-    env = environment(argv) | {"quick": args.quick, "rounds": args.rounds, "slow_rounds": args.slow_rounds,
+    env = environment(argv) | {"quick": args.quick, "rounds": args.rounds, "train_rounds": args.train_rounds,
+                           "slow_rounds": args.slow_rounds,
                            "min_run_time_s": args.min_run_time}
     # when each part's tables were last measured: a run that skips a part keeps that part's older tables
     previous = json.loads(env_path.read_text()) if env_path.exists() else {}
