@@ -1,0 +1,99 @@
+"""The ablation variants of notebook 04 and the answers their paired comparisons give.
+
+Each variant removes or changes one part of a parent method (SinkGD or SWAN) and is compared with that parent
+run for run, paired by seed (`multinorm.convergence.paired_comparisons`). The questions:
+
+* SR-Sinkhorn passes (Algorithm 3 of the SinkGD paper, L = 5 by default): is one pass (or ten) as good?
+* SWAN's parts: GradNorm alone, whitening alone, both; the SWAN paper reports that both are needed.
+* One-sided normalization: rows only, columns only, or both, as SinkGD's alternating projections do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import pandas as pd
+
+__all__ = ["Variant", "VARIANTS", "QUESTIONS", "effect", "ablation_answers"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A change to ``parent``: trained with the registry optimizer ``optimizer`` and ``hparams``."""
+
+    parent: str
+    optimizer: str
+    hparams: dict[str, Any] = field(default_factory=dict)
+    change: str = ""
+
+
+VARIANTS: dict[str, Variant] = {
+    "sinkgd-L1": Variant("sinkgd", "sinkgd", {"iters": 1}, "one SR-Sinkhorn pass instead of 5"),
+    "sinkgd-L2": Variant("sinkgd", "sinkgd", {"iters": 2}, "two SR-Sinkhorn passes instead of 5"),
+    "sinkgd-L10": Variant("sinkgd", "sinkgd", {"iters": 10}, "ten SR-Sinkhorn passes instead of 5"),
+    "swan-gradnorm-only": Variant("swan", "swan", {"whiten": False}, "SWAN without whitening"),
+    "swan-whiten-only": Variant("swan", "swan", {"gradnorm": False}, "SWAN without GradNorm"),
+    "swan-nsds": Variant("swan", "swan-nsds", {}, "SWAN with the cheap NSDS whitening"),
+    "rows-only": Variant("sinkgd", "mngd", {"norms": ["row"], "iters": 1}, "rows normalized only"),
+    "cols-only": Variant("sinkgd", "mngd", {"norms": ["col"], "iters": 1}, "columns normalized only"),
+}
+
+# question -> the variants that answer it, in the order the answer names them
+QUESTIONS = {
+    "SR-Sinkhorn passes": ("sinkgd-L1", "sinkgd-L2", "sinkgd-L10"),
+    "SWAN's parts": ("swan-gradnorm-only", "swan-whiten-only", "swan-nsds"),
+    "one-sided normalization": ("rows-only", "cols-only"),
+}
+
+
+def effect(row: Any) -> str:
+    """'worse than', 'better than' or 'not distinguishable from' the parent, from the 95 % interval of the
+    paired final-loss difference (variant - parent; > 0: the variant ends higher, i.e. worse)."""
+    if row.ci_low > 0:
+        return "worse than"
+    if row.ci_high < 0:
+        return "better than"
+    return "not distinguishable from"
+
+
+def _said(name: str, row: Any) -> str:
+    return (f"{name} ({VARIANTS[name].change}) is {effect(row)} {VARIANTS[name].parent} "
+            f"({row.estimate:+.3f} nats [{row.ci_low:+.3f}, {row.ci_high:+.3f}], {int(row.n)} seeds)")
+
+
+def _swan_parts(diff: pd.DataFrame) -> str | None:
+    parts = [v for v in ("swan-gradnorm-only", "swan-whiten-only") if v in diff.index]
+    if len(parts) < 2:
+        return None
+    needed = [v for v in parts if diff.loc[v, "ci_low"] > 0]
+    if len(needed) == 2:
+        return "SWAN's claim that both parts are needed: **reproduced** (removing either makes SWAN worse)."
+    if needed:
+        kept = "whitening" if needed == ["swan-gradnorm-only"] else "GradNorm"
+        return (f"SWAN's claim that both parts are needed: **partly** (removing {kept} makes it worse; the other "
+                f"removal makes no resolved difference).")
+    return "SWAN's claim that both parts are needed: **not reproduced** (neither removal makes a resolved difference)."
+
+
+def ablation_answers(diff: pd.DataFrame, grids: pd.DataFrame | None = None) -> str:
+    """Markdown bullets answering each question from ``diff``: rows of ``paired_comparisons`` with
+    ``quantity == "final_loss_diff"`` (columns method, estimate, ci_low, ci_high, n); ``grids``
+    (`multinorm.convergence.interior`) adds whether every tuned lr is interior to its grid."""
+    diff = diff.set_index("method")
+    lines = []
+    for question, names in QUESTIONS.items():
+        present = [v for v in names if v in diff.index and pd.notna(diff.loc[v, "estimate"])]
+        if not present:
+            continue
+        lines.append(f"* **{question}**: " + "; ".join(_said(v, diff.loc[v]) for v in present) + ".")
+        if question == "SWAN's parts" and (verdict := _swan_parts(diff)):
+            lines.append(f"  {verdict}")
+    missing = [v for v in diff.index if pd.isna(diff.loc[v, "estimate"])]
+    if missing:
+        lines.append("* No paired comparison (a seed diverged or is missing): " + ", ".join(missing) + ".")
+    if grids is not None:
+        edges = grids.loc[~grids["interior"].astype(bool), "method"].tolist()
+        lines.append("* Every variant's tuned lr is interior to its grid." if not edges else
+                     "* Best lr on a grid edge after the allowed extensions: " + ", ".join(edges) + ".")
+    return "\n".join(lines)
