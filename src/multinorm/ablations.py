@@ -43,7 +43,7 @@ VARIANTS: dict[str, Variant] = {
 QUESTIONS = {
     "SR-Sinkhorn passes": ("sinkgd-L1", "sinkgd-L2", "sinkgd-L10"),
     "SWAN's parts": ("swan-gradnorm-only", "swan-whiten-only", "swan-nsds"),
-    "one-sided normalization": ("rows-only", "cols-only"),
+    "One-sided normalization": ("rows-only", "cols-only"),
 }
 
 
