@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -289,8 +290,6 @@ _NUMPY_SCALAR = ("numpy._core.multiarray.scalar", "numpy.core.multiarray.scalar"
 def _numpy_scalar_types() -> list[Any]:
     """What unpickling a numpy scalar touches: its reconstructor, np.dtype and the concrete dtype classes
     (the last are not listed by get_unsafe_globals_in_checkpoint, so all of them are allowed)."""
-    import numpy as np
-
     dtype_classes = [getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")]
     return [np._core.multiarray.scalar, np.dtype, *dtype_classes]
 
@@ -331,10 +330,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def _plain(value: Any) -> Any:
     """A numpy scalar as the Python number it holds; anything else unchanged."""
-    item = getattr(value, "item", None)
-    if callable(item) and getattr(value, "shape", None) == () and not isinstance(value, torch.Tensor):
-        return item()
-    return value
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _one_line(exc: Exception) -> str:

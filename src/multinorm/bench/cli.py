@@ -30,8 +30,8 @@ RAW_COLUMNS = ["table", "setting", "device", "dtype", "comparison", "round", "na
 INT_COLUMNS = {"cores", "jobs", "threads_per_run", "steps", "threads", "matrices", "params", "rounds", "state_bytes", "peak_extra_bytes", "host_syncs", "bytes",
                "matmul_n", "vocab_size", "batch_size", "seq_len", "steps_profiled", "round", "calls"}
 # option: (full run, --quick); None in the parsed arguments means "not given"
-DEFAULTS = {"rounds": (7, 2), "train_rounds": (21, 2), "slow_rounds": (3, 2), "min_run_time": (0.2, 0.01), "bandwidth_mib": (1024, 32),
-            "profile_steps": (4, 2), "jobs_steps": (20, 0)}
+DEFAULTS = {"rounds": (7, 2), "train_rounds": (21, 2), "slow_rounds": (3, 2), "min_run_time": (0.2, 0.01),
+            "bandwidth_mib": (1024, 32), "profile_steps": (4, 2), "jobs_steps": (20, 0)}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     env = environment(argv) | {"quick": args.quick, "rounds": args.rounds, "train_rounds": args.train_rounds,
-                           "slow_rounds": args.slow_rounds,
-                           "min_run_time_s": args.min_run_time}
+                           "slow_rounds": args.slow_rounds, "min_run_time_s": args.min_run_time}
     # when each part's tables were last measured: a run that skips a part keeps that part's older tables
     previous = json.loads(env_path.read_text()) if env_path.exists() else {}
     env["measured"] = dict(previous.get("measured", {}))

@@ -170,10 +170,9 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
         parts = [f"{r.device} {r.dtype} {r.optimizer} {r.tokens_per_s:,.0f} ({_fmt(r.ratio, '.3f')}x {r.baseline}, "
                  f"{_fmt(r.ratio_min, '.3f')}-{_fmt(r.ratio_max, '.3f')})" for r in throughput.itertuples()]
         lines += ["**Training tokens/s**: " + "; ".join(parts) + ".", ""]
-        bounds = optimizer_ceiling(profile) if profile is not None else None
-        spread = throughput[throughput["optimizer"] == "sinkgd"]
-        for r in ([] if bounds is None else bounds.itertuples()):
-            same = spread[(spread["device"] == r.device) & (spread["dtype"] == r.dtype)]
+        sinkgd = throughput[throughput["optimizer"] == "sinkgd"]
+        for r in ([] if profile is None else optimizer_ceiling(profile).itertuples()):
+            same = sinkgd[(sinkgd["device"] == r.device) & (sinkgd["dtype"] == r.dtype)]
             if same.empty:
                 continue
             s = same.iloc[0]
