@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pandas as pd
 import pytest
@@ -121,11 +122,41 @@ def test_slow_methods_are_skipped_or_timed_by_one_step(monkeypatch):
     assert found["adamw-foreach"]["rounds"] == args.rounds  # the reference is always timed in rounds
 
 
+def test_train_throughput_reports_the_optimizer_phase_per_round():
+    """Two fake training steps of ~2 ms whose optimizer phases are 1 ms (baseline) and 0.25 ms: the phase ratio
+    is theirs exactly, and the tokens/s ratio comes with an interval around its rounds."""
+    from multinorm.bench.training import Loop, TrainSetup, train_throughput
+
+    def loop(name: str, phase_s: float) -> Loop:
+        made = Loop(name, lambda: None, lambda: None)
+
+        def step():
+            start = time.perf_counter()
+            while time.perf_counter() - start < 2e-3:
+                pass
+            made.optimizer_seconds.append(phase_s)
+
+        made.step = step
+        return made
+
+    loops = [loop("adamw", 1e-3), loop("sinkgd", 2.5e-4)]
+    rows, times = train_throughput(loops, TrainSetup(batch_size=2, seq_len=8), torch.device("cpu"), torch.float32,
+                                   rounds=3, min_run_time=0.01)
+    found = {r["optimizer"]: r for r in rows}
+    assert found["adamw"]["optimizer_ratio"] == 1.0 and found["sinkgd"]["optimizer_ratio"] == pytest.approx(0.25)
+    assert found["sinkgd"]["optimizer_ms"] == pytest.approx(0.25)
+    sink = found["sinkgd"]
+    assert 0 < sink["ratio_low"] <= sink["ratio_high"] and 0.5 < sink["ratio"] < 2.0
+    assert sorted(times["round"].unique()) == [0, 1, 2] and len(times) == 6
+    assert times.loc[times["name"] == "sinkgd", "optimizer_seconds"].tolist() == pytest.approx([2.5e-4] * 3)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # targets
 
 
-def _tables(sink_ratio=0.4, micro_ratio=0.9, syncs=(0, 0), floor=(1.1, None), tokens_ratio=1.02):
+def _tables(sink_ratio=0.4, micro_ratio=0.9, syncs=(0, 0), floor=(1.1, None), tokens_ratio=1.02, phase_ratio=0.8,
+            ratio_high=1.05):
     step = pd.DataFrame([
         {"setting": "block-1b", "device": "cpu", "dtype": "float32", "method": "sinkgd",
          "baseline": "adamw-foreach", "ratio": sink_ratio, "host_syncs": syncs[0]},
@@ -140,28 +171,33 @@ def _tables(sink_ratio=0.4, micro_ratio=0.9, syncs=(0, 0), floor=(1.1, None), to
                            for s, r in zip(("micro", "block-1b"), floor) if r is not None])
     train = pd.DataFrame([{"model": "nano", "device": "cpu", "dtype": "float32", "optimizer": "sinkgd",
                            "baseline": "adamw", "tokens_per_s": 5000.0, "ratio": tokens_ratio, "ratio_min": 0.9,
-                           "ratio_max": 1.1}])
+                           "ratio_max": 1.1, "ratio_low": 0.95, "ratio_high": ratio_high, "optimizer_ms": 8.0,
+                           "optimizer_ratio": phase_ratio}])
     return {"optimizer_step": step, "compute_floor": floors, "train_throughput": train}
 
 
 def test_targets_status_from_synthetic_tables():
     targets = evaluate_targets(_tables())
     assert list(targets.columns) == ["target", "measured", "threshold", "status"]
-    assert len(targets) == len(bench.TARGETS) == 7
+    assert len(targets) == len(bench.TARGETS) == 8
     status = dict(zip(targets["target"], targets["status"]))
     measured = dict(zip(targets["target"], targets["measured"]))
     names = [t.name for t in bench.TARGETS]
-    assert [status[n] for n in names] == ["met", "not met", "met", "not measured", "met", "met", "not measured"]
+    assert [status[n] for n in names] == ["met", "not met", "met", "not measured", "met", "met", "met",
+                                          "not measured"]
     assert measured[names[0]] == 0.4 and math.isnan(measured[names[3]])
     assert targets["threshold"].tolist()[:2] == ["<= 0.5", "<= 0.8"]
 
 
 def test_targets_edges_and_worst_sync_count():
     names = [t.name for t in bench.TARGETS]
-    status = dict(zip(names, evaluate_targets(_tables(sink_ratio=0.5, tokens_ratio=0.99, syncs=(0, 3)))["status"]))
+    tables = _tables(sink_ratio=0.5, phase_ratio=1.01, ratio_high=0.99, tokens_ratio=1.2, syncs=(0, 3))
+    status = dict(zip(names, evaluate_targets(tables)["status"]))
     assert status[names[0]] == "met"  # the threshold itself meets "<="
-    assert status[names[4]] == "not met"
-    assert status[names[5]] == "not met"  # the largest count over the settings decides
+    assert status[names[4]] == "not met"  # the optimizer phase, not the tokens/s point estimate, decides
+    assert status[names[5]] == "not met"  # an interval wholly below 1: training measurably slower
+    assert status[names[6]] == "not met"  # the largest count over the settings decides
+    assert evaluate_targets(_tables(ratio_high=1.0))["status"][5] == "met"
     empty = evaluate_targets({})
     assert (empty["status"] == "not measured").all()
 
@@ -175,7 +211,7 @@ def test_summary_markdown_lists_targets_and_profile():
     assert "Test CPU" in text and "Quick run" in text
     assert "| backward | 40.0 ms (40%) | 40.0 ms (40%) |" in text
     assert text.count("not measured") == 2
-    assert "cpu float32 sinkgd 5,000 (1.020x adamw, 0.900-1.100)" in text
+    assert "cpu float32 sinkgd 5,000 (1.020x adamw, 0.900-1.100 [0.950, 1.050]; optimizer 8.0 ms, 0.80x adamw's)" in text
 
 
 def test_optimizer_ceiling_bounds_the_training_ratio_by_the_optimizer_phase():
@@ -232,7 +268,7 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
         "bandwidth": {"setting", "method", "accounting", "bytes", "step_ms", "achieved_gbs", "machine_gbs",
                       "fraction", "floor_ms"},
         "train_throughput": {"model", "optimizer", "batch_size", "seq_len", "tokens_per_s", "ratio", "ratio_min",
-                             "ratio_max"},
+                             "ratio_max", "ratio_low", "ratio_high", "optimizer_ms", "optimizer_ratio"},
         "train_profile": {"optimizer", "phase", "ms_per_step", "fraction"},
         "raw_times": {"table", "comparison", "round", "name", "seconds"},
         "targets": {"target", "measured", "threshold", "status"},
@@ -259,7 +295,7 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     for _, frame in tables["train_profile"].groupby("optimizer"):
         assert set(frame["phase"]) == {"data", "forward", "backward", "optimizer", "evaluation", "other"}
         assert frame["fraction"].sum() == pytest.approx(1.0, abs=1e-4)  # the CSV keeps 6 digits
-    assert len(targets) == 7 and set(targets["status"]) <= {"met", "not met", "not measured"}
+    assert len(targets) == 8 and set(targets["status"]) <= {"met", "not met", "not measured"}
     if not torch.cuda.is_available():
         assert targets["status"].iloc[-1] == "not measured"
     assert (tmp_path / "environment.json").exists() and "Targets" in (tmp_path / "readme_bench.md").read_text()

@@ -20,7 +20,8 @@ and the ratio reported is the median of the per-round ratios, with its min and m
   the gradient and the squared gradient), the bandwidth the step achieves, and the floor time at the
   memory bandwidth of this machine, measured in the same process;
 * ``train_throughput.csv`` -- tokens/s of ``nano`` training steps (studies' defaults: batch 8 x 256
-  tokens, vocabulary 1024) for AdamW, SinkGD and SWAN, interleaved, with the ratio to AdamW;
+  tokens, vocabulary 1024) for AdamW, SinkGD and SWAN, interleaved, with the ratio to AdamW (median,
+  min-max and 95 % interval over rounds) and the time of each step's optimizer phase against AdamW's;
 * ``jobs_throughput.csv`` -- total tokens/s of N such runs trained at once with cores / N threads each,
   for every N dividing the cores: what ``make figures JOBS=N`` suits this machine (``bench.jobs``);
 * ``train_profile.csv`` -- where such a step spends its time (data, forward, backward, optimizer,

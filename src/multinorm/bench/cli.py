@@ -26,7 +26,8 @@ TRAIN_OPTIMIZERS = ("adamw", "sinkgd", "swan")
 # --quick: what the targets and the bandwidth table need
 QUICK_METHODS = ("adamw-foreach", "adamw-fused", "sgd", "sinkgd", "sinkgd-torch", "swan")
 QUICK_TRAIN_OPTIMIZERS = ("adamw", "sinkgd")
-RAW_COLUMNS = ["table", "setting", "device", "dtype", "comparison", "round", "name", "seconds", "calls"]
+RAW_COLUMNS = ["table", "setting", "device", "dtype", "comparison", "round", "name", "seconds", "calls",
+               "optimizer_seconds"]
 INT_COLUMNS = {"cores", "jobs", "threads_per_run", "steps", "threads", "matrices", "params", "rounds", "state_bytes", "peak_extra_bytes", "host_syncs", "bytes",
                "matmul_n", "vocab_size", "batch_size", "seq_len", "steps_profiled", "round", "calls"}
 # option: (full run, --quick); None in the parsed arguments means "not given"
@@ -244,7 +245,8 @@ def _run_training(args, devices: list[torch.device], out: Path, log) -> None:
         raw.append(times.assign(setting=setup.model, device=device.type, dtype=dtype_name, comparison="training step"))
         for r in rows:
             log(f"  {r['optimizer']:8s} {r['tokens_per_s']:10,.0f} tokens/s  x{r['ratio']:.3f} "
-                f"[{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] of {r['baseline']}")
+                f"[{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] of {r['baseline']}; optimizer phase "
+                f"{r['optimizer_ms']:.2f} ms, x{r['optimizer_ratio']:.3f} of {r['baseline']}'s")
         profile += train_profile(loops, setup, device, dtype, args.profile_steps)
         del loops, data
         gc.collect()

@@ -5,20 +5,27 @@ The loop mirrors the trainer's step (:func:`multinorm.train.train`) with the sam
 batch 8 x 256 tokens, vocabulary 1024, a 65,536-token validation set evaluated every 64 steps. One step: fetch the batch,
 forward, backward, read the loss (the trainer logs it every step), optimizer step, ``zero_grad``, LR
 scheduler step. Every optimizer trains its own copy of the model (same seed) on the same batches.
+
+Besides the whole step, every timed step records its optimizer phase (step, ``zero_grad``, scheduler): forward,
+backward and evaluation are the same work whatever the optimizer, so at a size where they dominate the
+step the tokens/s ratio is settled by noise, and the optimizer phase is the part an optimizer decides.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..llama import build_model
 from ..optim import build_optimizer
+from ..stats import ratio_ci
 from .measure import interleave, ratio_summary
 
 __all__ = ["TrainSetup", "make_loops", "train_throughput", "train_profile", "PHASES",
@@ -28,7 +35,8 @@ PHASES = ("data", "forward", "backward", "optimizer", "evaluation")
 LABEL = "bench:"  # prefix of the profiler ranges, so no other range shares their names
 THROUGHPUT_COLUMNS = ["model", "device", "dtype", "threads", "vocab_size", "batch_size", "seq_len", "optimizer",
                       "baseline", "rounds", "step_ms", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
-                      "ratio", "ratio_min", "ratio_max", "note"]
+                      "ratio", "ratio_min", "ratio_max", "ratio_low", "ratio_high", "optimizer_ms",
+                      "optimizer_ratio", "optimizer_ratio_min", "optimizer_ratio_max", "note"]
 PROFILE_COLUMNS = ["model", "device", "dtype", "threads", "vocab_size", "batch_size", "seq_len", "optimizer",
                    "phase", "ms_per_step", "fraction", "steps_profiled"]
 
@@ -49,11 +57,13 @@ class TrainSetup:
 
 @dataclass
 class Loop:
-    """One optimizer's training step and evaluation, each closing over its own model."""
+    """One optimizer's training step and evaluation, each closing over its own model; ``optimizer_seconds``
+    receives the wall time of every step's optimizer phase."""
 
     optimizer: str
     step: Callable[[], None]
     evaluate: Callable[[], None]
+    optimizer_seconds: list[float] = field(default_factory=list)
 
 
 def _sync(device: torch.device) -> None:
@@ -71,8 +81,9 @@ def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch
         opt = build_optimizer(model, name, setup.lr)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
         counter = itertools.count()
+        phase_seconds: list[float] = []
 
-        def step(model=model, opt=opt, sched=sched, counter=counter):
+        def step(model=model, opt=opt, sched=sched, counter=counter, phase_seconds=phase_seconds):
             with record_function(LABEL + "data"):
                 ids, labels = data.train_batch(next(counter), setup.batch_size)
                 ids, labels = ids.to(device), labels.to(device)
@@ -83,10 +94,12 @@ def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch
                 loss.backward()
                 loss.detach().float().item()  # the trainer reads the loss every step
             with record_function(LABEL + "optimizer"):
+                start = time.perf_counter()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
                 sched.step()
                 _sync(device)
+                phase_seconds.append(time.perf_counter() - start)
 
         @torch.no_grad()
         def evaluate(model=model):
@@ -96,7 +109,7 @@ def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch
                     model(input_ids=ids.to(device), labels=labels.to(device)).loss.float().item()
                 model.train()
 
-        loops.append(Loop(name, step, evaluate))
+        loops.append(Loop(name, step, evaluate, phase_seconds))
     return loops
 
 
@@ -108,19 +121,40 @@ def _common(setup: TrainSetup, device: torch.device, dtype: torch.dtype) -> dict
 
 def train_throughput(loops: Sequence[Loop], setup: TrainSetup, device: torch.device, dtype: torch.dtype,
                      rounds: int, min_run_time: float, baseline: str = "adamw") -> tuple[list[dict], pd.DataFrame]:
-    """Tokens/s of each loop's training step, timed in alternation; ratios to ``baseline`` per round."""
-    times = interleave({loop.optimizer: loop.step for loop in loops}, rounds, min_run_time)
+    """Tokens/s of each loop's training step, timed in alternation; ratios to ``baseline`` per round.
+
+    Per loop: the median over rounds (``ratio``, with min and max) and the geometric mean's 95 % t interval
+    (``ratio_low``, ``ratio_high``) of the per-round tokens/s ratios, and the same for the optimizer phase
+    (``optimizer_ratio``: this loop's phase over the baseline's, median of the per-round medians). The
+    returned times have a row per (round, loop): ``seconds`` per step and ``optimizer_seconds`` per phase."""
+    frames = []
+    for r in range(rounds):
+        seen = {loop.optimizer: len(loop.optimizer_seconds) for loop in loops}
+        times = interleave({loop.optimizer: loop.step for loop in loops}, 1, min_run_time).assign(round=r)
+        # the phases of this round's calls (its untimed warm-up call included: a median ignores it)
+        phase = {loop.optimizer: float(np.median(loop.optimizer_seconds[seen[loop.optimizer]:])) for loop in loops}
+        frames.append(times.assign(optimizer_seconds=times["name"].map(phase)))
+    times = pd.concat(frames, ignore_index=True)
     tokens = setup.batch_size * setup.seq_len
+    wide = times.pivot(index="round", columns="name", values="seconds")
+    phases = times.pivot(index="round", columns="name", values="optimizer_seconds")
     rows = []
     for loop in loops:
-        s = times.loc[times["name"] == loop.optimizer, "seconds"]
+        s = wide[loop.optimizer]
         rate = tokens / s
-        # tokens/s ratio = baseline step time / this step time, within each round
-        ratio = ratio_summary(times, baseline, loop.optimizer) if baseline in times["name"].values else {}
-        rows.append({**_common(setup, device, dtype), "optimizer": loop.optimizer, "baseline": baseline,
-                     "rounds": rounds, "step_ms": float(s.median() * 1e3), "tokens_per_s": float(rate.median()),
-                     "tokens_per_s_min": float(rate.min()), "tokens_per_s_max": float(rate.max()), **ratio,
-                     "note": ""})
+        row = {**_common(setup, device, dtype), "optimizer": loop.optimizer, "baseline": baseline, "rounds": rounds,
+               "step_ms": float(s.median() * 1e3), "tokens_per_s": float(rate.median()),
+               "tokens_per_s_min": float(rate.min()), "tokens_per_s_max": float(rate.max()),
+               "optimizer_ms": float(phases[loop.optimizer].median() * 1e3), "note": ""}
+        if baseline in wide:
+            # tokens/s ratio = baseline step time / this step time, within each round
+            row.update(ratio_summary(times, baseline, loop.optimizer))
+            interval = ratio_ci((wide[baseline] / s).to_numpy(float))
+            row.update(ratio_low=interval.low, ratio_high=interval.high)
+            phase_ratio = phases[loop.optimizer] / phases[baseline]
+            row.update(optimizer_ratio=float(phase_ratio.median()), optimizer_ratio_min=float(phase_ratio.min()),
+                       optimizer_ratio_max=float(phase_ratio.max()))
+        rows.append(row)
     return rows, times
 
 

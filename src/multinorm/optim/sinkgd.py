@@ -82,9 +82,8 @@ class SinkGD(StatelessMatrixOptimizer):
             from . import sinkgd_cpu  # numba is imported on the first fused CPU step, not with the package
 
             if all(sinkgd_cpu.usable(p, g) for p, g in zip(params, grads)):
-                for p, g in zip(params, grads):
-                    sinkgd_cpu.sinkgd_matrix_step(p, g, group["iters"], group["eps"], group["lr"],
-                                                  group["weight_decay"], group["maximize"])
+                sinkgd_cpu.sinkgd_matrix_step(params, grads, group["iters"], group["eps"], group["lr"],
+                                              group["weight_decay"], group["maximize"])
                 return
         A = self.scratch((len(grads),) + tuple(grads[0].shape), compute_dtype(grads[0].dtype), grads[0].device)
         if len(grads) == 1 and A.device.type == "cpu" and A.numel() > CACHE_BLOCK:

@@ -43,16 +43,18 @@ def usable(param: Tensor, grad: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
-def sinkgd_matrix_step(param: Tensor, grad: Tensor, iters: int, eps: float, lr: float, weight_decay: float,
-                       maximize: bool) -> None:
-    """``W <- W (1 - lr wd) -/+ lr SR-Sinkhorn(G)`` in place, for one matrix (:func:`usable`)."""
-    m, n = grad.shape
+def sinkgd_matrix_step(params: list[Tensor], grads: list[Tensor], iters: int, eps: float, lr: float,
+                       weight_decay: float, maximize: bool) -> None:
+    """``W <- W (1 - lr wd) -/+ lr SR-Sinkhorn(G)`` in place, for each of a list of same-shape matrices
+    (:func:`usable`), one after the other."""
+    m, n = grads[0].shape
     # four separate allocations (LLVM vectorises loops over arrays it cannot prove overlapping less well), made
-    # by torch so that memory probes see them
+    # by torch so that memory probes see them, and shared by the list: at the small sizes of a debug model the
+    # allocations and conversions cost as much as the loop itself
     u, rows, v, col = (torch.empty(size, dtype=torch.float32).numpy() for size in (m, m, n, n))
-    alpha = lr if maximize else -lr
-    _step(grad.numpy(), param.detach().numpy(), iters, np.float32(eps * eps), np.float32(alpha),
-          np.float32(1.0 - lr * weight_decay), u, rows, v, col)
+    scalars = (np.float32(eps * eps), np.float32(lr if maximize else -lr), np.float32(1.0 - lr * weight_decay))
+    for param, grad in zip(params, grads):
+        _step(grad.numpy(), param.detach().numpy(), iters, *scalars, u, rows, v, col)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
