@@ -324,6 +324,22 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
         "optimizer steps", "training", "optimizer steps (sgd)"}
 
 
+def test_a_full_steps_run_supersedes_the_partial_ones():
+    from multinorm.bench.cli import measured_parts
+
+    previous = {"date": "d1", "git_commit": "c1",
+                "measured": {"optimizer steps": "d0", "optimizer steps (sgd)": "d1", "training": "d0"},
+                "measured_commits": {"optimizer steps": "c0", "training": "c0"}}
+    measured, commits = measured_parts(previous, ["optimizer steps (swan)"], "d2", "c2")
+    assert measured == {"optimizer steps": "d0", "optimizer steps (sgd)": "d1", "optimizer steps (swan)": "d2",
+                        "training": "d0"}
+    assert commits == {"optimizer steps": "c0", "optimizer steps (sgd)": "c1", "optimizer steps (swan)": "c2",
+                       "training": "c0"}
+    measured, commits = measured_parts(previous, ["optimizer steps"], "d2", "c2")
+    assert measured == {"optimizer steps": "d2", "training": "d0"}
+    assert commits == {"optimizer steps": "c2", "training": "c0"}
+
+
 # ------------------------------------------------------------------------------------------------------------
 # runs at once (make figures JOBS=N)
 

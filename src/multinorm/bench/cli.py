@@ -255,6 +255,23 @@ def _run_training(args, devices: list[torch.device], out: Path, log) -> None:
     _update_raw(out / "raw_times.csv", "train_throughput", raw)
 
 
+def measured_parts(previous: dict, parts: list[str], date: str, commit: str | None) -> tuple[dict, dict]:
+    """``(measured, measured_commits)``: when and at which commit each part's tables were last measured, from
+    the previous ``environment.json`` and the ``parts`` this run measures. A run of every optimizer step
+    ("optimizer steps") supersedes the earlier runs of some methods ("optimizer steps (sgd)")."""
+    measured, commits = dict(previous.get("measured", {})), dict(previous.get("measured_commits", {}))
+    for part, when in previous.get("measured", {}).items():  # tables written before commits were recorded
+        if part not in commits and when == previous.get("date"):
+            commits[part] = previous.get("git_commit")
+    if "optimizer steps" in parts:
+        for table in (measured, commits):
+            for part in [p for p in table if p.startswith("optimizer steps (")]:
+                del table[part]
+    measured.update({part: date for part in parts})
+    commits.update({part: commit for part in parts})
+    return measured, commits
+
+
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     """Run the benchmark (see the package docstring); return the targets table."""
     args = parse_args(argv)
@@ -281,17 +298,10 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
                            "slow_rounds": args.slow_rounds, "min_run_time_s": args.min_run_time}
     # when each part's tables were last measured: a run that skips a part keeps that part's older tables
     previous = json.loads(env_path.read_text()) if env_path.exists() else {}
-    env["measured"] = dict(previous.get("measured", {}))
     steps_part = "optimizer steps" + (f" ({', '.join(args.methods)})" if args.methods else "")
     parts = [part for part, run in ((steps_part, not args.skip_steps), ("training", not args.skip_train),
                                     ("runs at once", args.jobs_steps > 0)) if run]
-    env["measured"].update({part: env["date"] for part in parts})
-    # and from which commit (git_commit names this run's only)
-    env["measured_commits"] = dict(previous.get("measured_commits", {}))
-    for part, date in previous.get("measured", {}).items():  # tables written before commits were recorded
-        if part not in env["measured_commits"] and date == previous.get("date"):
-            env["measured_commits"][part] = previous.get("git_commit")
-    env["measured_commits"].update({part: env["git_commit"] for part in parts})
+    env["measured"], env["measured_commits"] = measured_parts(previous, parts, env["date"], env["git_commit"])
     log(f"{env['cpu']}; {env['available_cores']} core(s) available; torch {env['torch']}, {env['torch_threads']} "
         f"thread(s), BLAS {env['blas']}; GPU {env['gpu'] or 'none'}; load average {env['load_average']}")
     env["memory_bandwidth"] = _machine_bandwidth(devices, args, log)
