@@ -530,6 +530,26 @@ def test_fused_cpu_step_equals_the_torch_step(case, iters):
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=2e-7)
 
 
+def test_fused_cpu_step_of_a_batch_equals_its_matrices_stepped_alone():
+    """The compiled loop shares its work vectors over a batch of same-shape matrices: stepping the edge cases
+    together (a floored or re-summed matrix before a plain one) gives bit for bit what stepping each alone does."""
+    grads = [G for G in _edge_gradients().values() if G.shape == (40, 56)][::-1]
+
+    def parameters():
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, G.numel()).reshape(G.shape)) for G in grads]
+        for W, G in zip(params, grads):
+            W.grad = G.clone()
+        return params
+
+    together, alone = parameters(), parameters()
+    SinkGD(together, lr=0.01, weight_decay=0.1).step()
+    for W in alone:
+        SinkGD([W], lr=0.01, weight_decay=0.1).step()
+    assert len(grads) >= 10
+    for a, b in zip(together, alone):
+        assert torch.equal(a.detach(), b.detach())
+
+
 def test_fused_cpu_step_propagates_a_nan_gradient():
     W = torch.nn.Parameter(torch.ones(8, 12))
     W.grad = torch.randn(8, 12)
