@@ -137,7 +137,8 @@ def train_throughput(loops: Sequence[Loop], setup: TrainSetup, device: torch.dev
     times = pd.concat(frames, ignore_index=True)
     tokens = setup.batch_size * setup.seq_len
     wide = times.pivot(index="round", columns="name", values="seconds")
-    phases = times.pivot(index="round", columns="name", values="optimizer_seconds")
+    phase_times = times.drop(columns="seconds").rename(columns={"optimizer_seconds": "seconds"})
+    phases = phase_times.pivot(index="round", columns="name", values="seconds")
     rows = []
     for loop in loops:
         s = wide[loop.optimizer]
@@ -151,9 +152,8 @@ def train_throughput(loops: Sequence[Loop], setup: TrainSetup, device: torch.dev
             row.update(ratio_summary(times, baseline, loop.optimizer))
             interval = ratio_ci((wide[baseline] / s).to_numpy(float))
             row.update(ratio_low=interval.low, ratio_high=interval.high)
-            phase_ratio = phases[loop.optimizer] / phases[baseline]
-            row.update(optimizer_ratio=float(phase_ratio.median()), optimizer_ratio_min=float(phase_ratio.min()),
-                       optimizer_ratio_max=float(phase_ratio.max()))
+            # optimizer phase ratio = this phase / the baseline's, within each round
+            row.update({f"optimizer_{k}": v for k, v in ratio_summary(phase_times, loop.optimizer, baseline).items()})
         rows.append(row)
     return rows, times
 
