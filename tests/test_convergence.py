@@ -27,6 +27,33 @@ def test_grid_extension_moves_towards_the_better_edge():
     assert _extension(sweep_table([(0.0, 0.95, 4.0)])) is None
 
 
+class FakeStudy(ConvergenceStudy):
+    """The protocol with a known loss surface instead of training: loss = (log2 lr - log2 optimum)^2 per beta2
+    (beta2 = 0.95 0.1 nats worse at its optimum)."""
+
+    OPTIMUM = {0.95: 16.0, 0.999: 2.0}
+
+    def _run(self, rows):
+        self.asked = getattr(self, "asked", []) + [(r["lr"], r["hparams"]["adam_betas"][1]) for r in rows]
+        return pd.DataFrame([{"method": r["tag"], "lr": r["lr"], "seed": r["seed"], "run_id": f"{r['lr']}-{b2}",
+                              "beta2": b2, "final_val_loss": 3 + (b2 == 0.95) / 10 + (math.log2(r["lr"]) - math.log2(self.OPTIMUM[b2])) ** 2}
+                             for r in rows for b2 in [r["hparams"]["adam_betas"][1]]])
+
+
+def test_each_beta2_is_extended_until_its_own_optimum_is_interior():
+    study = FakeStudy(TrainConfig(), "unused", max_extensions=3, progress=False)
+    adamw = StudyMethod("adamw", "adamw", (1.0, 2.0, 4.0), rest_adamw=False, tune_beta2=True)
+    sweep = study.tune_adamw(adamw)
+    # beta2 = 0.999 wins at 2 (interior); beta2 = 0.95, best on the top edge, is extended to 8, 16, 32
+    assert study.adamw == {"lr": 2.0, "beta2": 0.999}
+    assert sorted(lr for lr, b2 in study.asked if b2 == 0.95) == [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
+    assert sorted(lr for lr, b2 in study.asked if b2 == 0.999) == [1.0, 2.0, 4.0]
+    assert interior(sweep).iloc[0][["interior", "edges"]].tolist() == [True, ""]
+    # with the extensions spent before 0.95 reaches its optimum, the table says which beta2 is on an edge
+    short = FakeStudy(TrainConfig(), "unused", max_extensions=1, progress=False)
+    assert interior(short.tune_adamw(adamw)).iloc[0][["interior", "edges"]].tolist() == [False, "0.95"]
+
+
 def synthetic(method_speed, seeds=(1, 2, 3, 4, 5)):
     """Final table and curves where `method` follows the baseline's curve `method_speed` times faster."""
     tokens = np.linspace(0, 1000, 21)

@@ -152,6 +152,32 @@ def test_one_step_matches_float64_reference(name, shape, dtype, weight_decay):
     assert opt.state_dict()["state"] == {} and len(opt.state) == 0
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_sinkgd_momentum_normalises_the_heavy_ball_buffer(fused):
+    """m_1 = G_1, m_t = mu m_{t-1} + G_t, W <- W - lr SR-Sinkhorn(m_t): three steps against the float64 reference,
+    and a copy restored from the state dict after step 2 takes the same step 3."""
+    mu, lr = 0.9, 0.01
+    W = matrix_with_grad((48, 80))
+    grads = [matrix_with_grad((48, 80), seed=s).grad for s in (1, 2, 3)]
+    opt = SinkGD([W], lr=lr, momentum=mu, fused=fused)
+    expected, m = W.detach().double().clone(), None
+    for t, G in enumerate(grads):
+        W.grad = G.clone()
+        m = G.double() if m is None else mu * m + G.double()
+        expected -= lr * ref_sinkgd(m, 5)
+        if t == 2:
+            twin = torch.nn.Parameter(W.detach().clone())
+            twin.grad = G.clone()
+            restored = SinkGD([twin], lr=lr, momentum=mu, fused=fused)
+            restored.load_state_dict(copy.deepcopy(opt.state_dict()))
+            restored.step()
+        opt.step()
+        assert torch.equal(W.grad, G)  # the gradient is not modified
+    torch.testing.assert_close(W.detach().double(), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(opt.state[W]["momentum_buffer"].double(), m, rtol=1e-6, atol=1e-6)
+    assert torch.equal(twin.detach(), W.detach())
+
+
 def test_swan_newton_schulz_is_close_to_exact_whitening():
     # SWAN's (10, 0.8) Newton-Schulz lands singular values in a band around 1, not at 1
     G = matrix_with_grad((64, 96), seed=3).grad
@@ -380,6 +406,8 @@ BAD_OPTIONS = [
     (SWAN, "ns_steps", -1, "an int >= 0"),
     (SWAN, "beta", 0.2, "a float > 1/3"),
     (SWAN, "center", 1, "a bool"),
+    (SinkGD, "momentum", 1.0, "a float in [0, 1)"),
+    (SinkGD, "momentum", -0.1, "a float in [0, 1)"),
     (MNGD, "norms", ("row", "nuclear"), "a non-empty sequence of names from"),
     (MNGD, "norms", (), "a non-empty sequence of names from"),
     (MNGD, "iters", 2.0, "an int >= 1"),

@@ -96,21 +96,25 @@ class ConvergenceStudy:
         return [hp]
 
     def tune(self, methods: Sequence[StudyMethod], seed: int = 0) -> pd.DataFrame:
-        """Sweep every method's grid on ``seed`` with edge extensions; one batch of runs per round."""
-        pending = {m.name: (m, {lr for lr in m.grid}) for m in methods}
+        """Sweep every method's grid on ``seed`` with edge extensions; one batch of runs per round.
+
+        A method tuned over beta2 is extended for each beta2 whose best lr is on an edge, so both of AdamW's
+        forms end at an interior optimum (or with the extension budget spent), not only the winning one."""
+        pending = [(m, lr, hp) for m in methods for lr in sorted(set(m.grid)) for hp in self._variants(m)]
         done: list[pd.DataFrame] = []
         for round_ in range(self.max_extensions + 1):
-            rows = [_grid_row(m, lr, seed, hp) for m, lrs in pending.values() for lr in sorted(lrs)
-                    for hp in self._variants(m)]
-            done.append(self._run(rows))
+            done.append(self._run([_grid_row(m, lr, seed, hp) for m, lr, hp in pending]))
             table = pd.concat(done, ignore_index=True)
             if round_ == self.max_extensions:
                 break
-            pending = {}
+            pending = []
             for m in methods:
-                new = _extension(table[table.method == m.name])
-                if new is not None:
-                    pending[m.name] = (m, {new})
+                for hp in self._variants(m):
+                    beta2 = hp.get("adam_betas", (0.9, 0.999))[1]
+                    rows = table[table.method == m.name]
+                    new = _extension(rows[rows.beta2 == beta2] if m.tune_beta2 else rows)
+                    if new is not None:
+                        pending.append((m, new, hp))
             if not pending:
                 break
         return pd.concat(done, ignore_index=True)
@@ -192,12 +196,21 @@ def best_config(sweep: pd.DataFrame) -> pd.DataFrame:
 
 
 def interior(sweep: pd.DataFrame) -> pd.DataFrame:
-    """Per method: the best lr, the grid run (at the best beta2) and whether the best lr is interior."""
+    """Per method: the best lr, the grid run (at the best beta2) and whether the best lr is interior -- for a
+    method tuned over beta2, whether it is interior for *every* beta2 (column ``edges`` lists the beta2 values
+    whose best lr is on an edge of their grid)."""
     rows = []
     for _, b in best_config(sweep).iterrows():
-        lrs = sorted(sweep[(sweep.method == b.method) & (sweep.beta2 == b.beta2)].lr.unique())
+        runs = sweep[sweep.method == b.method]
+        edges = []
+        for beta2, d in runs.groupby("beta2"):
+            lrs = sorted(d.lr.unique())
+            best = best_config(d).iloc[0].lr
+            if len(lrs) > 1 and not lrs[0] < best < lrs[-1]:
+                edges.append(f"{beta2:g}")
+        lrs = sorted(runs[runs.beta2 == b.beta2].lr.unique())
         rows.append({"method": b.method, "lr": b.lr, "beta2": b.beta2, "grid": " ".join(f"{x:g}" for x in lrs),
-                     "interior": len(lrs) == 1 or lrs[0] < b.lr < lrs[-1]})
+                     "interior": not edges, "edges": " ".join(edges)})
     return pd.DataFrame(rows)
 
 

@@ -37,7 +37,7 @@ from multinorm.paths import repo_root
 __all__ = ["NOTEBOOKS", "SCALES", "default_jobs", "run_notebook", "run_all", "run_time_table", "unfinished_runs", "main"]
 
 REPO = repo_root()
-NOTEBOOKS = ("01_fixed_point", "02_convergence", "03_memory_throughput", "04_ablations")
+NOTEBOOKS = ("01_fixed_point", "02_convergence", "03_memory_throughput", "04_ablations", "05_scaling")
 
 # Per scale, per notebook: overrides of the notebook's own `parameters` cell (which is the default scale).
 SCALES: dict[str, dict[str, dict[str, Any]]] = {
@@ -54,6 +54,8 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "03_memory_throughput": {"measure_steps": 2, "methods": ["adamw", "sgd", "sinkgd", "swan", "muon", "apollo-mini"]},
         "04_ablations": {"tokens": 65_536, "eval_interval": 8, "eval_tokens": 16_384, "lr_multipliers": [0.5, 1.0],
                          "max_extensions": 0, "ablation_seeds": 2, "variants": ["sinkgd-L1", "swan-gradnorm-only"]},
+        "05_scaling": {"tokens": 65_536, "eval_interval": 8, "eval_tokens": 16_384, "batch_sizes": [8, 32],
+                       "points": 2, "max_extensions": 1, "seeds": 2, "probe_lrs": [4e-3]},
     },
     "smoke": {
         "01_fixed_point": {"shape_sizes": [], "extra_shapes": [[24, 16], [16, 40]], "max_iters": 4,
@@ -70,6 +72,9 @@ SCALES: dict[str, dict[str, dict[str, Any]]] = {
         "04_ablations": {"tokens": 2 * 32 * 4, "seq_len": 32, "batch_size": 2, "vocab_size": 4096,
                          "lr_multipliers": [1.0], "max_extensions": 0, "ablation_seeds": 2, "eval_interval": 2,
                          "eval_tokens": 32 * 8, "variants": ["sinkgd-L1", "swan-gradnorm-only"]},
+        "05_scaling": {"tokens": 2 * 32 * 4, "seq_len": 32, "batch_size": 2, "vocab_size": 4096, "eval_interval": 2,
+                       "eval_tokens": 32 * 8, "batch_sizes": [2, 4], "points": 1, "max_extensions": 0, "seeds": 2,
+                       "probe_batch_sizes": [8], "probe_lrs": [1e-3], "probe_beta2": [0.95]},
     },
 }
 

@@ -40,6 +40,12 @@ def is_float_at_least(low: float, strict: bool = False) -> Callable[[Any], bool]
     return ok
 
 
+def is_float_in(low: float, high: float) -> Callable[[Any], bool]:
+    """A real number in ``[low, high)``."""
+    at_least = is_float_at_least(low)
+    return lambda value: at_least(value) and value < high
+
+
 def is_int_at_least(low: int) -> Callable[[Any], bool]:
     return lambda value: isinstance(value, int) and not isinstance(value, bool) and value >= low
 
@@ -232,6 +238,7 @@ class StatelessMatrixOptimizer(Optimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
                 local, g, sharding = local_parts(p, type(self).__name__)
+                g = self._direction_input(p, g, group)
                 kinds.setdefault((g.shape, g.dtype, g.device, sharding), []).append((local, g))
             for (shape, _, _, sharding), items in kinds.items():
                 if sharding is not None:
@@ -254,6 +261,21 @@ class StatelessMatrixOptimizer(Optimizer):
             if len({id(b.sharding.group) for b in sharded}) > 1:
                 raise ValueError(f"{type(self).__name__}: sharded parameters must share one device mesh")
             self.update_sharded(sharded)
+
+    def _direction_input(self, p: Tensor, g: Tensor, group: dict) -> Tensor:
+        """The matrix whose direction the step takes for parameter ``p`` with (local) gradient ``g``: ``g``
+        itself, or, with ``momentum`` beta > 0 in the group, the heavy-ball buffer ``m <- beta m + g`` kept in
+        ``self.state[p]["momentum_buffer"]`` (the first step sets ``m = g``, as torch's SGD does)."""
+        beta = group.get("momentum", 0.0)
+        if not beta:
+            return g
+        state = self.state[p]
+        buf = state.get("momentum_buffer")
+        if buf is None:
+            buf = state["momentum_buffer"] = g.detach().clone(memory_format=torch.contiguous_format)
+        else:
+            buf.mul_(beta).add_(g)
+        return buf
 
     def split_work_over(self, group: Any) -> None:
         """Declare the plain (not sharded) parameters replicas on every rank of the process group ``group``

@@ -137,7 +137,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         "torch SGD on every parameter", _sgd, {"momentum": 0.0, "nesterov": False, "weight_decay": 0.0}),
     "sinkgd": OptimizerSpec(
         "SinkGD (SR-Sinkhorn, stateless) on hidden matrices + AdamW",
-        _stateless(SinkGD, ("iters", "eps")), {"iters": 5, "eps": 1e-8, "scale": 1.0, **_ADAM}, sharded=True),
+        _stateless(SinkGD, ("iters", "eps", "momentum")), {"iters": 5, "eps": 1e-8, "momentum": 0.0, "scale": 1.0,
+                                                           **_ADAM}, sharded=True),
     "swan": OptimizerSpec(
         "SWAN (GradNorm + Newton-Schulz whitening, stateless) on hidden matrices + AdamW",
         _stateless(SWAN, _SWAN_KEYS + ("whitening",), {"variant": "full"}),

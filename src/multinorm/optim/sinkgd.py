@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..normalize import DEFAULT_EPS, sinkhorn_square_scalings, sr_sinkhorn, unit_max_root
 from .base import (Check, ShardedBatch, StatelessMatrixOptimizer, compute_dtype, is_bool, is_float_at_least,
-                   is_int_at_least, prescale_roots)
+                   is_float_in, is_int_at_least, prescale_roots)
 from .distributed import global_abs_max, sinkhorn_square_scalings_sharded
 
 __all__ = ["SinkGD"]
@@ -24,9 +24,11 @@ class SinkGD(StatelessMatrixOptimizer):
     .. math::
         \begin{aligned}
             &\textbf{input}: \gamma \text{ (lr)},\ \lambda \text{ (weight decay)},\ L \text{ (iters)},\
-                W_0 \in \mathbb{R}^{m \times n} \\
+                \mu \text{ (momentum, default 0)},\ W_0 \in \mathbb{R}^{m \times n} \\
             &\textbf{for}\ t = 1, 2, \ldots: \\
             &\quad G_t \leftarrow \nabla_W f_t(W_{t-1}) \\
+            &\quad \textbf{if}\ \mu \neq 0:\ M_t \leftarrow \mu M_{t-1} + G_t\ (M_1 = G_1),\
+                G_t \leftarrow M_t \\
             &\quad X \leftarrow G_t;\ \textbf{repeat}\ L\ \textbf{times}:\
                 X \leftarrow \sqrt{n}\, Q(X)^{-1} X;\ \ X \leftarrow \sqrt{m}\, X R(X)^{-1} \\
             &\quad W_t \leftarrow W_{t-1}(1 - \gamma\lambda) - \gamma X
@@ -37,7 +39,11 @@ class SinkGD(StatelessMatrixOptimizer):
     entry RMS 1 (``||X||_F = sqrt(mn)``), so ``lr`` is the per-entry step size; the paper's recipe is a
     global lr of 0.02 times alpha = 0.05 for these matrices, i.e. lr = 1e-3 here.
 
-    No momentum and no state: ``self.state`` stays empty. SR-Sinkhorn is computed in its vector form
+    With the paper's ``momentum=0`` (the default) there is no state: ``self.state`` stays empty. ``momentum``
+    mu > 0 is an extension the paper does not have: one heavy-ball buffer per matrix (as torch's SGD keeps,
+    without dampening), normalised in place of the gradient, so the method then has Adam-like memory for one
+    buffer instead of two. It answers whether SinkGD's results come from the direction or from the missing
+    averaging of gradient noise. SR-Sinkhorn is computed in its vector form
     (:func:`multinorm.normalize.sr_sinkhorn`), batched over the group's same-shape matrices and fused with
     the parameter update, without host synchronisation. With torch operations, the passes over each m x n
     gradient are: one read for its largest entry (an exact power-of-four prescale keeps the squares in range
@@ -56,6 +62,8 @@ class SinkGD(StatelessMatrixOptimizer):
         iters: number L of row/column alternations (default 5).
         weight_decay: decoupled weight decay, ``W <- W (1 - lr * weight_decay)`` (default 0).
         eps: clamp for row/column norms of the unit-RMS gradient (default 1e-8).
+        momentum: heavy-ball factor mu of the buffer that is normalised instead of the gradient (default 0:
+            stateless, the paper's method).
         maximize: ascend the objective, ``W <- W + lr X``, instead of descending (default False).
         fused: on CPU, step each float32 matrix with the compiled loop of :mod:`multinorm.optim.sinkgd_cpu`,
             which reads the gradient once per Sinkhorn iteration and allocates no matrix buffer (default
@@ -63,14 +71,15 @@ class SinkGD(StatelessMatrixOptimizer):
     """
 
     def __init__(self, params, lr: float = 1e-3, iters: int = 5, weight_decay: float = 0.0,
-                 eps: float = DEFAULT_EPS, *, maximize: bool = False, fused: bool = True):
-        super().__init__(params, dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps, maximize=maximize,
-                                      fused=fused))
+                 eps: float = DEFAULT_EPS, *, momentum: float = 0.0, maximize: bool = False, fused: bool = True):
+        super().__init__(params, dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps, momentum=momentum,
+                                      maximize=maximize, fused=fused))
 
     def _checks(self, group: dict) -> list[Check]:
         return super()._checks(group) + [
             ("iters", is_int_at_least(1), "an int >= 1"),
             ("eps", is_float_at_least(0.0), "a float >= 0"),
+            ("momentum", is_float_in(0.0, 1.0), "a float in [0, 1)"),
             ("fused", is_bool, "a bool"),
         ]
 
