@@ -54,6 +54,19 @@ def test_each_beta2_is_extended_until_its_own_optimum_is_interior():
     assert interior(short.tune_adamw(adamw)).iloc[0][["interior", "edges"]].tolist() == [False, "0.95"]
 
 
+def test_selection_bias_counts_identical_methods_once_and_names_the_method_that_drives_it():
+    losses = {"a": [3.0, 3.2, 3.4], "a-copy": [3.0, 3.2, 3.4], "b": [4.1, 4.0, 4.2], "outlier": [5.0, 6.0, 6.0]}
+    final = pd.DataFrame([{"method": m, "seed": s, "final_val_loss": v} for m, vs in losses.items()
+                          for s, v in enumerate(vs)])
+    bias = selection_bias(final).set_index("method")
+    # seed 0 minus the mean of seeds 1 and 2, per method: a -0.3, b 0.0, outlier -1.0; a-copy is a's runs
+    assert "a-copy" not in bias.index
+    assert bias.loc[["a", "b", "outlier"], "estimate"].tolist() == pytest.approx([-0.3, 0.0, -1.0])
+    assert bias.loc["all methods", "estimate"] == pytest.approx(-1.3 / 3) and bias.loc["all methods", "n"] == 3
+    assert bias.loc["all methods but outlier", "estimate"] == pytest.approx(-0.15)
+    assert bias.loc["all methods but outlier", "n"] == 2
+
+
 def synthetic(method_speed, seeds=(1, 2, 3, 4, 5)):
     """Final table and curves where `method` follows the baseline's curve `method_speed` times faster."""
     tokens = np.linspace(0, 1000, 21)
@@ -200,7 +213,9 @@ def test_a_tiny_study_end_to_end(tmp_path):
     winners = sweep[sweep.seed == 0].merge(final[final.seed == 0], on="run_id")
     assert len(winners) == 4 and (winners.final_val_loss_x == winners.final_val_loss_y).all()
     bias = selection_bias(final).set_index("method")
-    assert len(bias) == 5 and bias.loc["all methods", "n"] == 4
+    by_seed = final.pivot(index="seed", columns="method", values="final_val_loss")
+    distinct = 4 - int((by_seed["adamw"] == by_seed["adamw-split"]).all())  # identical forms count once
+    assert bias.loc["all methods", "n"] == distinct and len(bias) == distinct + 2
     seed0, seed1 = (final[final.seed == s].set_index("method").final_val_loss for s in (0, 1))
     assert bias.loc["sinkgd", "estimate"] == pytest.approx(seed0["sinkgd"] - seed1["sinkgd"])
     best = best_config(sweep).set_index("method")

@@ -74,6 +74,15 @@ def test_verdicts(low, high, expected):
     assert verdict(low, high, claim=2.0) == expected
 
 
+def test_a_claim_above_what_the_setting_can_show_is_not_testable():
+    # whatever the interval: a ceiling below the claim decides
+    assert verdict(1.005, 1.02, claim=1.09, ceiling=1.014) == "not testable here"
+    assert verdict(0.5, 0.9, claim=1.09, ceiling=1.014) == "not testable here"
+    # a ceiling at or above the claim leaves the interval to decide
+    assert verdict(1.005, 1.02, claim=1.09, ceiling=1.5) == "partly"
+    assert verdict(0.99, 1.02, claim=1.09, ceiling=1.09) == "not reproduced"
+
+
 def test_verdict_rejects_a_claim_of_no_effect():
     with pytest.raises(ValueError):
         verdict(1.1, 1.2, claim=1.0)

@@ -22,6 +22,7 @@ All runs go through :func:`multinorm.sweep.run_grid`, so they are cached, resuma
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,8 @@ from multinorm.train import TrainConfig
 
 __all__ = ["StudyMethod", "ConvergenceStudy", "FRACTIONS", "CLAIMS", "paired_comparisons", "selection_bias",
            "verdict_table", "bench_throughput_ratios", "bench_throughput", "results_table", "verdict_lines",
-           "speedup_text", "comparison_table", "speedup_groups"]
+           "speedup_text", "comparison_table", "speedup_groups", "bench_ceiling", "regime_columns",
+           "regime_text", "run_parameters", "TREND_COLUMNS"]
 
 FRACTIONS = (0.5, 0.75, 1.0)
 ADAMW_BETA2 = (0.95, 0.999)
@@ -155,23 +157,38 @@ class ConvergenceStudy:
 
 def selection_bias(final: pd.DataFrame, selection_seed: int = 0) -> pd.DataFrame:
     """How optimistic the selection seed's run is: per method, its final loss minus the mean of the other seeds,
-    and (method ``"all methods"``) the mean of those differences with its 95 % t interval over methods.
+    and (method ``"all methods"``) the mean of those differences with its 95 % t interval over methods, then the
+    same mean without the method of the largest difference (method ``"all methods but <name>"``), so a pooled
+    value that one method drives reads as such.
 
-    A negative value means the run that won the lr sweep also drew a lucky seed (the winner's curse); an interval
-    that contains 0 means reusing it as a reported seed biases nothing this study can resolve.
+    A method whose runs are another's (the same final loss on every seed, e.g. a split-lr AdamW that chose
+    AdamW's own lr) is counted once. A negative value means the run that won the lr sweep also drew a lucky seed
+    (the winner's curse); an interval that contains 0 means reusing it as a reported seed biases nothing this
+    study can resolve.
     """
-    rows = []
+    rows, seen = [], []
     for method, runs in final.groupby("method", sort=False):
+        losses = runs.set_index("seed").final_val_loss.sort_index()
+        if any(len(losses) == len(other) and (losses.index == other.index).all() and (losses == other).all()
+               for other in seen):
+            continue
+        seen.append(losses)
         chosen = runs[runs.seed == selection_seed].final_val_loss
         others = runs[runs.seed != selection_seed].final_val_loss
         if len(chosen) and len(others) and np.isfinite(chosen.iloc[0]) and np.isfinite(others).all():
             rows.append({"method": method, "estimate": float(chosen.iloc[0] - others.mean()), "ci_low": math.nan,
                          "ci_high": math.nan, "n": len(others)})
     table = pd.DataFrame(rows, columns=["method", "estimate", "ci_low", "ci_high", "n"])
-    if len(table) >= 2:
-        ci = mean_ci(table.estimate.to_numpy())
+    methods = table.copy()
+    if len(methods) >= 2:
+        ci = mean_ci(methods.estimate.to_numpy())
         table.loc[len(table)] = {"method": "all methods", "estimate": ci.estimate, "ci_low": ci.low,
                                  "ci_high": ci.high, "n": ci.n}
+    if len(methods) >= 3:
+        largest = methods.loc[methods.estimate.abs().idxmax()]
+        ci = mean_ci(methods[methods.method != largest.method].estimate.to_numpy())
+        table.loc[len(table)] = {"method": f"all methods but {largest.method}", "estimate": ci.estimate,
+                                 "ci_low": ci.low, "ci_high": ci.high, "n": ci.n}
     return table
 
 
@@ -308,7 +325,8 @@ def effective_throughput(final: pd.DataFrame, curves: pd.DataFrame, method: str,
 
 
 def verdict_table(final: pd.DataFrame, curves: pd.DataFrame, baseline: str,
-                  throughput: dict[str, Sequence[float]] | None = None) -> pd.DataFrame:
+                  throughput: dict[str, Sequence[float]] | None = None,
+                  ceilings: dict[str, float] | None = None) -> pd.DataFrame:
     """``claim, paper, ours, ci_low, ci_high, n, censored, reference, source, verdict`` for every entry of
     :data:`CLAIMS`.
 
@@ -316,9 +334,11 @@ def verdict_table(final: pd.DataFrame, curves: pd.DataFrame, baseline: str,
     (:func:`bench_throughput_ratios`); the throughput claims of such a method use them (an idle machine,
     interleaved rounds) instead of the study runs' own tokens/s, which parallel workers share the cores for.
     A speed-up whose every seed is censored at a bound <= 1 (the method never reached the reference's loss within
-    the budget) is "contradicted", although its interval of bounds touches 1.
+    the budget) is "contradicted", although its interval of bounds touches 1. ``ceilings`` maps a method to the
+    largest tokens/s ratio over AdamW the setting allows (:func:`bench_ceiling`): a raw-throughput claim above it is
+    "not testable here" (column ``ceiling``).
     """
-    throughput = throughput or {}
+    throughput, ceilings = throughput or {}, ceilings or {}
     rows = []
     for claim, paper, factor, method, reference, quantity in CLAIMS:
         reference = baseline if reference == "baseline" else reference
@@ -339,13 +359,51 @@ def verdict_table(final: pd.DataFrame, curves: pd.DataFrame, baseline: str,
             table = paired_comparisons(final[final.method.isin([method, reference])], curves, reference)
             r = table[(table.method == method) & (table.quantity == quantity)].iloc[0]
             est, lo, hi, n, censored = r.estimate, r.ci_low, r.ci_high, r.n, r.censored
-        word = verdict(lo, hi, factor)
+        ceiling = ceilings.get(method) if quantity == "throughput_ratio" else None
+        word = verdict(lo, hi, factor, ceiling)
         if n and censored == n and hi <= 1.0:
             # No seed reached the reference's loss within the budget: every speed-up is below its bound <= 1.
             word = "contradicted"
         rows.append({"claim": claim, "paper": paper, "ours": est, "ci_low": lo, "ci_high": hi, "n": n,
-                     "censored": censored, "reference": reference, "source": source, "verdict": word})
+                     "censored": censored, "reference": reference, "source": source,
+                     "ceiling": math.nan if ceiling is None else ceiling, "verdict": word})
     return pd.DataFrame(rows)
+
+
+def bench_ceiling(bench_dir: str | Path, base: TrainConfig, method: str = "sinkgd",
+                  baseline: str = "adamw") -> float | None:
+    """The largest tokens/s ratio ``method / baseline`` a training step of this regime allows, from ``make bench``'s
+    profile (:func:`multinorm.bench.targets.optimizer_ceiling`: the ratio if ``method``'s optimizer phase cost
+    nothing); None when the benchmark did not profile this regime."""
+    from multinorm.bench.targets import optimizer_ceiling
+
+    path = Path(bench_dir) / "train_profile.csv"
+    if not path.exists():
+        return None
+    profile = pd.read_csv(path)
+    same = profile[(profile.model == base.model) & (profile.device == base.device)
+                   & (profile.vocab_size == base.vocab_size) & (profile.batch_size == base.batch_size)
+                   & (profile.seq_len == base.seq_len)]
+    table = optimizer_ceiling(same, method, baseline)
+    return float(table.ceiling.max()) if len(table) else None
+
+
+def regime_columns(cfg: TrainConfig, parameters: dict[str, int]) -> dict[str, Any]:
+    """The regime a verdict holds in, as columns: parameters, width, tokens per step, steps, tokens per
+    parameter (``parameters``: the ``"total"`` count of a run record and the model's ``"width"``)."""
+    return {"model": cfg.model, "parameters": parameters["total"], "width": parameters["width"],
+            "tokens_per_step": cfg.tokens_per_step, "steps": cfg.steps,
+            "tokens_per_parameter": cfg.steps * cfg.tokens_per_step / parameters["total"]}
+
+
+def run_parameters(run_dir: str | Path) -> dict[str, int]:
+    """``{"total", "hidden", "width"}`` of the model a run trained, from its ``config.json``."""
+    from multinorm.llama import MODEL_CONFIGS
+
+    record = json.loads((Path(run_dir) / "config.json").read_text())
+    counts = record["parameters"]
+    return {"total": counts["total"], "hidden": counts["hidden"],
+            "width": MODEL_CONFIGS[record["config"]["model"]].hidden_size}
 
 
 def seed_curves(final: pd.DataFrame, runs_dir: str | Path) -> pd.DataFrame:
@@ -400,15 +458,33 @@ def speedup_text(estimate: float, low: float, high: float, n: int, censored: int
     return f"≤ {text} ({censored}/{n} not reached)" if censored else text
 
 
+def regime_text(row: Any) -> str:
+    """A regime (:func:`regime_columns`) in one phrase: ``1.07 M parameters (width 128), 768 steps × 2,048 tokens,
+    1.5 tokens/parameter``."""
+    return (f"{row.parameters / 1e6:.2f} M parameters (width {int(row.width)}), {int(row.steps)} steps × "
+            f"{int(row.tokens_per_step):,} tokens, {row.tokens_per_parameter:.1f} tokens/parameter")
+
+
+# Trend columns of a verdict table (written by the scaling study) and their README headers.
+TREND_COLUMNS = {"trend_batch": "trend as the batch grows", "trend_width": "trend as the width grows"}
+
+
 def comparison_table(verdicts: pd.DataFrame) -> pd.DataFrame:
     """:func:`verdict_table` for README: the references by name and ``ours`` with its interval in one column
-    (:func:`speedup_text`, so a bound from censored seeds reads as one)."""
+    (:func:`speedup_text`, so a bound from censored seeds reads as one), the regime when the table has its
+    columns (:func:`regime_columns`) and the trends when it has them (:data:`TREND_COLUMNS`)."""
     from multinorm.report import method_label
 
     ours = [speedup_text(v.ours, v.ci_low, v.ci_high, int(v.n), int(v.censored)) for v in verdicts.itertuples()]
-    return pd.DataFrame({"claim": verdicts.claim, "paper": verdicts.paper, "ours [95 % CI]": ours,
-                         "seeds or rounds": verdicts.n, "reference": verdicts.reference.map(method_label),
-                         "source": verdicts.source, "verdict": verdicts.verdict})
+    table = pd.DataFrame({"claim": verdicts.claim, "paper": verdicts.paper, "ours [95 % CI]": ours,
+                          "seeds or rounds": verdicts.n, "reference": verdicts.reference.map(method_label),
+                          "source": verdicts.source, "verdict": verdicts.verdict})
+    if "parameters" in verdicts:
+        table.insert(3, "regime", [regime_text(v) for v in verdicts.itertuples()])
+    for column, header in TREND_COLUMNS.items():
+        if column in verdicts:
+            table[header] = verdicts[column].fillna("–").to_numpy()
+    return table
 
 
 def speedup_groups(comparisons: pd.DataFrame, quantity: str = "speedup_100") -> dict[str, list[str]]:
@@ -459,29 +535,43 @@ def results_table(final: pd.DataFrame, comparisons: pd.DataFrame, methods: Seque
 
 
 def verdict_lines(verdicts: pd.DataFrame, grids: pd.DataFrame, regime: pd.DataFrame,
-                  pooled_bias: Any | None = None) -> list[str]:
+                  pooled_bias: Any | None = None, leave_out: Any | None = None) -> list[str]:
     """README bullets: one per claim (ours with its interval, the verdict), then whether every tuned lr is
-    interior, the pooled selection bias (a row of :func:`selection_bias`) and the regime checks R1-R3."""
+    interior, the pooled selection bias (rows ``"all methods"`` and ``"all methods but ..."`` of
+    :func:`selection_bias`) and the regime checks R1-R3."""
     from multinorm.report import method_label
 
     lines = []
     for v in verdicts.itertuples():
         n, censored, ref = int(getattr(v, "n", 0) or 0), int(getattr(v, "censored", 0) or 0), method_label(v.reference)
+        if v.verdict == "not testable here":
+            lines.append(f"* {v.claim} (paper: {v.paper}): ours **{v.ours:.2f}×** [{v.ci_low:.2f}, {v.ci_high:.2f}] vs "
+                         f"{ref}, but this setting can show at most **{v.ceiling:.3f}×** (the ratio if the method's "
+                         f"optimizer step cost nothing) → **{v.verdict}**.")
+            continue
         if n and censored == n:
             ours = f"**< {v.ci_high:.2f}×** ({censored}/{n} seeds never reached {ref}'s loss within the budget)"
         else:
             ours = f"**{'≤ ' if censored else ''}{v.ours:.2f}×** [{v.ci_low:.2f}, {v.ci_high:.2f}] vs {ref}"
             ours += f" ({censored}/{n} seeds never reached it: their bounds used)" if censored else ""
         lines.append(f"* {v.claim} (paper: {v.paper}): ours {ours} → **{v.verdict}**.")
-    edges = grids[~grids.interior.astype(bool)].method.tolist()
-    lines.append("* Every tuned lr is an interior point of its grid." if not edges else
-                 "* Best lr on an edge of its grid after the allowed extensions: "
-                 + ", ".join(map(method_label, edges)) + ".")
+    edges = grids[~grids.interior.astype(bool)]
+    def named(r: Any) -> str:
+        beta2 = getattr(r, "edges", "")
+        return method_label(r.method) + (f" (β₂ {beta2})" if isinstance(beta2, str) and beta2 else "")
+
+    lines.append("* Every tuned lr is an interior point of its grid (for AdamW's two forms: at each β₂)." if edges.empty
+                 else "* Best lr on an edge of its grid after the allowed extensions: "
+                 + ", ".join(named(r) for r in edges.itertuples()) + ".")
     if pooled_bias is not None:
         b = pooled_bias
-        lines.append(f"* Selection bias of the reused sweep run (seed 0 minus the other seeds, pooled over methods): "
-                     f"{b.estimate:+.3f} [{b.ci_low:+.3f}, {b.ci_high:+.3f}] nats"
-                     + (" — not distinguishable from 0." if b.ci_low <= 0 <= b.ci_high else "."))
+        count = f"{int(b.n)} distinct methods" if "n" in b else "methods"
+        lines.append(f"* Selection bias of the reused sweep run (seed 0 minus the other seeds, pooled over "
+                     f"{count}): {b.estimate:+.3f} [{b.ci_low:+.3f}, {b.ci_high:+.3f}] nats"
+                     + (" — not distinguishable from 0" if b.ci_low <= 0 <= b.ci_high else "")
+                     + (f"; without {method_label(leave_out.method.removeprefix('all methods but '))}, the largest, "
+                        f"{leave_out.estimate:+.3f} [{leave_out.ci_low:+.3f}, {leave_out.ci_high:+.3f}]"
+                        if leave_out is not None else "") + ".")
     checks = regime[regime.quantity.str.startswith("R")]
     lines.append("* Regime checks: " + "; ".join(f"{r.quantity} = {r.value:.3g} ({'met' if r.met else 'NOT met'})"
                                                  for r in checks.itertuples()) + ".")

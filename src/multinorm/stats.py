@@ -1,4 +1,4 @@
-"""Comparisons over seeds: paired confidence intervals, token speed-ups and the four verdict words.
+"""Comparisons over seeds: paired confidence intervals, token speed-ups and the five verdict words.
 
 Every comparison in the studies is *paired by seed*: a method and the baseline trained with the same seed
 share the initialisation and the data order, so ``method(seed) - baseline(seed)`` removes most of the
@@ -19,6 +19,9 @@ Verdict of a claimed factor ``c`` (> 1) from the interval ``[lo, hi]`` of the me
     not reproduced   lo <= 1 <= hi      no effect can be told from none
     reproduced       lo > 1, hi >= c    faster, and the claimed factor is within (or below) the interval
     partly           lo > 1, hi < c     faster, by less than claimed
+    not testable here  ceiling < c      the largest value this setting can show is below the claim (e.g. a
+                                        throughput ratio capped by the optimizer's share of a step), whatever
+                                        the interval
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from scipy import stats as sps
 
 __all__ = ["Interval", "mean_ci", "ratio_ci", "product_ci", "tokens_to_reach", "loss_at", "token_speedup", "verdict", "VERDICTS"]
 
-VERDICTS = ("reproduced", "partly", "not reproduced", "contradicted")
+VERDICTS = ("reproduced", "partly", "not reproduced", "contradicted", "not testable here")
 
 
 @dataclass(frozen=True)
@@ -122,10 +125,13 @@ def token_speedup(base_tokens: Sequence[float], base_losses: Sequence[float], to
     return t_base / t_method, False
 
 
-def verdict(low: float, high: float, claim: float) -> str:
-    """One of :data:`VERDICTS` for a claimed factor ``claim`` > 1 and the interval [low, high] (see module doc)."""
+def verdict(low: float, high: float, claim: float, ceiling: float | None = None) -> str:
+    """One of :data:`VERDICTS` for a claimed factor ``claim`` > 1 and the interval [low, high] (see module doc);
+    ``ceiling``, where known, is the largest factor the setting can show at all."""
     if not claim > 1.0:
         raise ValueError(f"a claimed factor must be > 1, got {claim}")
+    if ceiling is not None and ceiling < claim:
+        return "not testable here"
     if math.isnan(low) or math.isnan(high):
         return "not reproduced"
     if high < 1.0:
