@@ -46,16 +46,20 @@ def test_notebooks_hold_no_algorithm_code():
             assert forbidden not in source, f"{name} contains {forbidden!r}"
 
 
-# 04 reads 02's tuned runs, so they run together; the groups are independent and can run in parallel.
-SMOKE_GROUPS = {"01": ["01_fixed_point"], "02+04": ["02_convergence", "04_ablations"], "03": ["03_memory_throughput"]}
+# 04 reads 02's tuned runs and 05 its verdicts, so they run together; the groups are independent and can run in
+# parallel.
+SMOKE_GROUPS = {"01": ["01_fixed_point"], "02+04+05": ["02_convergence", "04_ablations", "05_scaling"],
+                "03": ["03_memory_throughput"]}
 # Notebooks run again in reuse mode, per group. 01 and 03 reuse recorded tables through `report.reuse_tables`
 # (tested in test_studies.py) and 04 reads its runs back the way 02 does (`sweep` in reuse mode); a second kernel
-# for each would add a minute to `make test`, so 02 alone is re-run here.
-REUSE = {"02+04": ["02_convergence"]}
+# for each would add a minute to `make test`, so 02 and 05 (whose cells read their runs back through the scaling
+# study) are re-run here.
+REUSE = {"02+04+05": ["02_convergence", "05_scaling"]}
 STUDY = {"01_fixed_point": ("fixed_point", "01_fixed_point_residual"),
          "02_convergence": ("convergence", "02_convergence_curves"),
          "03_memory_throughput": ("memory", "03_memory_analytic"),
-         "04_ablations": ("ablations", "04_ablations")}
+         "04_ablations": ("ablations", "04_ablations"),
+         "05_scaling": ("scaling", "05_scaling_speedups")}
 
 
 def test_smoke_groups_cover_every_notebook():

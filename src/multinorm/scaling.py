@@ -207,12 +207,13 @@ def seed_speedups(result: CellResult, method: str, reference: str) -> pd.DataFra
     return pd.DataFrame(rows, columns=["seed", "speedup", "censored"])
 
 
-def trend(x: Sequence[float], speedups: Sequence[float], claim: float,
+def trend(x: Sequence[float], speedups: Sequence[float], claim: float | None,
           margin: float = TREND_MARGIN) -> dict[str, Any]:
     """The slope of log speed-up on log2 ``x`` (per doubling, as a factor) with its 95 % t interval, and its word
     relative to the claimed factor: "toward the claim" / "away" when the interval excludes 1 on that side (the
     side is where the claim lies from the mean speed-up at the largest ``x``), "flat" when the interval lies
-    within ``[1/margin, margin]``, else "undecided"."""
+    within ``[1/margin, margin]``, else "undecided". Without a claim (``None``) the words are "rising" and
+    "falling" instead."""
     x, y = np.log2(np.asarray(x, float)), np.log(np.asarray(speedups, float))
     ok = np.isfinite(x) & np.isfinite(y)
     x, y = x[ok], y[ok]
@@ -222,11 +223,11 @@ def trend(x: Sequence[float], speedups: Sequence[float], claim: float,
     half = scipy_stats.t.ppf(0.975, len(x) - 2) * fit.stderr
     low, high = fit.slope - half, fit.slope + half
     at_end = y[x == x.max()].mean()
-    toward = 1.0 if math.log(claim) >= at_end else -1.0
+    toward = 1.0 if claim is None or math.log(claim) >= at_end else -1.0
     if toward * low > 0:
-        word = "toward the claim"
+        word = "rising" if claim is None else "toward the claim"
     elif toward * high < 0:
-        word = "away"
+        word = "falling" if claim is None else "away"
     elif -math.log(margin) <= low and high <= math.log(margin):
         word = "flat"
     else:

@@ -1,0 +1,73 @@
+"""The scaling study's pieces: cells at the base cell's steps, centred grids, per-seed speed-ups and trends."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from multinorm.scaling import Cell, CellResult, cell_config, centred_grid, runs_dir_of, seed_speedups, trend
+from multinorm.train import TrainConfig
+
+
+def test_a_cell_keeps_the_base_steps_and_evaluation_steps():
+    base = TrainConfig(model="nano", batch_size=8, seq_len=256, tokens=1_572_864, eval_interval=64)
+    assert cell_config(base, Cell("nano", 8)) == base  # the base cell is the base study's regime (same run keys)
+    big = cell_config(base, Cell("nano", 64))
+    assert (big.steps, big.tokens_per_step, big.tokens, big.eval_interval) == (768, 16_384, 12_582_912, 64)
+    wide = cell_config(base, Cell("micro", 8))
+    assert (wide.model, wide.steps, wide.tokens) == ("micro", 768, 1_572_864)
+    with pytest.raises(ValueError, match="batch size"):
+        cell_config(base, Cell("nano", 0))
+
+
+def test_base_cell_runs_are_the_convergence_study_s(tmp_path):
+    base = Cell("nano", 8)
+    assert runs_dir_of(base, base, tmp_path) == tmp_path / "runs" / "convergence"
+    assert runs_dir_of(Cell("nano", 16), base, tmp_path) == tmp_path / "runs" / "scaling"
+
+
+def test_centred_grid():
+    assert centred_grid(0.002) == (0.001, 0.002, 0.004)
+    assert centred_grid(0.02, points=4) == (0.01, 0.02, 0.04, 0.08)
+    assert centred_grid(1.0, points=1) == (1.0,)
+    with pytest.raises(ValueError):
+        centred_grid(0.0)
+
+
+def test_trend_recovers_a_known_slope_and_names_its_side():
+    x = np.repeat([2048, 4096, 16384], 3)
+    noise = np.tile([-0.01, 0.0, 0.01], 3)
+    rising = np.exp(np.log(1.2) * np.log2(x / 2048) + noise)  # x1.2 per doubling
+    t = trend(x, rising, claim=2.4)
+    assert t["slope"] == pytest.approx(1.2) and t["slope_low"] < 1.2 < t["slope_high"]
+    assert t["trend"] == "toward the claim" and t["n"] == 9
+    # the same rise moves away from a claim that lies below the speed-ups (a claimed slow-down)
+    assert trend(x, rising, claim=1.05)["trend"] == "away"
+    assert trend(x, 1 / rising, claim=2.4)["trend"] == "away"
+    assert trend(x, np.exp(noise / 10), claim=2.4)["trend"] == "flat"
+    assert trend(x, rising, claim=None)["trend"] == "rising"
+    # wide scatter: the interval straddles 1 and leaves the +-5 % band
+    scatter = np.exp(np.tile([-0.5, 0.0, 0.5], 3) + 0.01 * np.log2(x / 2048))
+    assert trend(x, scatter, claim=2.4)["trend"] == "undecided"
+    # a single cell has no slope
+    assert math.isnan(trend([2048] * 3, [1.1, 1.2, 1.3], claim=2.0)["slope"])
+
+
+def test_seed_speedups_pair_by_seed_and_mark_bounds():
+    tokens = np.linspace(0, 1000, 11)
+    final, curves = [], []
+    for seed in (0, 1):
+        for method, speed in (("adamw", 1.0), ("fast", 2.0), ("slow", 0.5)):
+            loss = 8 - 3 * np.sqrt(min(speed, 1.5) * tokens / 1000) - 0.01 * seed
+            if method == "slow":
+                loss = loss + 0.5  # never reaches AdamW's final loss
+            rid = f"{method}-{seed}"
+            final.append({"method": method, "seed": seed, "run_id": rid, "final_val_loss": loss[-1]})
+            curves += [{"run_id": rid, "tokens": t, "val_loss": y} for t, y in zip(tokens, loss)]
+    result = CellResult(Cell("nano", 8), TrainConfig(), pd.DataFrame(), pd.DataFrame(final), pd.DataFrame(curves), {})
+    fast = seed_speedups(result, "fast", "adamw")
+    assert fast.seed.tolist() == [0, 1] and not fast.censored.any()
+    assert fast.speedup.tolist() == pytest.approx([1.5, 1.5], rel=0.02)
+    slow = seed_speedups(result, "slow", "adamw")
+    assert slow.censored.all() and (slow.speedup <= 1.0).all()
