@@ -46,7 +46,8 @@ class ModelShape:
 
 
 MODEL_CONFIGS: dict[str, ModelShape] = {
-    # CPU sizes (GaLore's llama_9m / llama_20m shapes); vocabulary from the tokenizer.
+    # CPU sizes: the block shapes of GaLore's llama_9m / llama_20m configs with the tokenizer's vocabulary (at a
+    # 1,024-token vocabulary, 1.07 M and 3.69 M parameters: not 9M / 20M).
     "nano": ModelShape(128, 352, 4, 4, None),
     "micro": ModelShape(256, 688, 4, 4, None),
     # Paper sizes (GaLore benchmark configs llama_60m ... llama_1b).
