@@ -3,7 +3,9 @@
 import pandas as pd
 import pytest
 
-from multinorm.ablations import QUESTIONS, VARIANTS, ablation_answers, effect
+import math
+
+from multinorm.ablations import QUESTIONS, VARIANTS, ablation_answers, effect, lr_sensitivity
 from multinorm.optim import OPTIMIZERS
 
 
@@ -49,3 +51,20 @@ def test_answers_name_each_variant_once_and_the_grid_edges():
     assert "grid edge after the allowed extensions: sinkgd-L10." in text
     assert "SWAN's parts" not in text
     assert "interior to its grid" in ablation_answers(diff, grids.assign(interior=True))
+
+
+def test_lr_sensitivity_compares_every_method_on_the_same_window():
+    # "wide" was swept over 1/16..2x its optimum, "narrow" over 1/2..2x: a range over the grid would call "wide"
+    # the more sensitive (its far points), but within x2 of the tuned lr "narrow" rises more.
+    rows = [("wide", lr, 0.999, loss) for lr, loss in
+            [(1 / 16, 6.0), (1 / 8, 5.0), (1 / 4, 4.5), (0.5, 4.05), (1.0, 4.0), (2.0, 4.1)]]
+    rows += [("narrow", lr, 0.999, loss) for lr, loss in [(0.5, 4.4), (1.0, 4.0), (2.0, 4.2)]]
+    rows += [("narrow", 1.0, 0.95, 3.0)]  # the other beta2 does not count
+    rows += [("edge", lr, 0.999, loss) for lr, loss in [(1.0, 4.0), (2.0, 4.3)]]
+    rows += [("diverges", lr, 0.999, loss) for lr, loss in [(0.5, 4.2), (1.0, 4.0), (2.0, math.inf)]]
+    sweep = pd.DataFrame(rows, columns=["method", "lr", "beta2", "final_val_loss"]).assign(seed=0)
+    tuned = pd.DataFrame({"lr": 1.0, "beta2": 0.999}, index=["wide", "narrow", "edge", "diverges"])
+    table = lr_sensitivity(sweep, tuned).set_index("method")
+    assert table.rise["wide"] == pytest.approx(0.1) and table.rise["narrow"] == pytest.approx(0.4)
+    assert math.isnan(table.rise["edge"]) and table.rise["diverges"] == math.inf
+    assert table.loc["narrow", ["loss_low", "loss_tuned", "loss_high"]].tolist() == [4.4, 4.0, 4.2]

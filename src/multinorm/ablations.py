@@ -13,9 +13,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-__all__ = ["Variant", "VARIANTS", "QUESTIONS", "effect", "ablation_answers"]
+__all__ = ["Variant", "VARIANTS", "QUESTIONS", "effect", "ablation_answers", "lr_sensitivity"]
 
 
 @dataclass(frozen=True)
@@ -97,3 +98,26 @@ def ablation_answers(diff: pd.DataFrame, grids: pd.DataFrame | None = None) -> s
         lines.append("* Every variant's tuned lr is interior to its grid." if not edges else
                      "* Best lr on a grid edge after the allowed extensions: " + ", ".join(edges) + ".")
     return "\n".join(lines)
+
+
+def lr_sensitivity(sweep: pd.DataFrame, tuned: pd.DataFrame, factor: float = 2.0) -> pd.DataFrame:
+    """How much each method's final loss (seed 0, at its tuned beta2) rises when its lr is off by ``factor`` either
+    way: the same window for every method, whatever the width of its grid (a range over a wider grid would rank
+    methods by their grids, not by their sensitivity).
+
+    ``tuned``: per method (index) the tuned ``lr`` and ``beta2``. Columns: method, loss at the tuned lr, at lr /
+    factor and at lr x factor, and ``rise`` = the larger of the two minus the tuned loss (NaN when the grid lacks a
+    side; a diverged run counts as infinite).
+    """
+    rows = []
+    for method, runs in sweep[(sweep.seed == 0) & (sweep.lr > 0)].groupby("method", sort=False):
+        if method not in tuned.index:
+            continue
+        best = tuned.loc[method]
+        at = runs[runs.beta2 == best.beta2].set_index("lr").final_val_loss
+        loss = {k: float(at[np.isclose(at.index, best.lr * m)].min()) if np.isclose(at.index, best.lr * m).any()
+                else np.nan for k, m in (("low", 1 / factor), ("tuned", 1.0), ("high", factor))}
+        rows.append({"method": method, "loss_tuned": loss["tuned"], "loss_low": loss["low"], "loss_high": loss["high"],
+                     "rise": (np.nan if np.isnan(loss["low"]) or np.isnan(loss["high"])
+                              else max(loss["low"], loss["high"]) - loss["tuned"])})
+    return pd.DataFrame(rows, columns=["method", "loss_tuned", "loss_low", "loss_high", "rise"])
