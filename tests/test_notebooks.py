@@ -111,3 +111,17 @@ def test_smoke_run_from_the_notebooks_folder_then_reuse(group, tmp_path, data_ca
     prefixes = tuple(name[:3] for name in REUSE[group])
     assert {p.name for p in figures.iterdir()} == {name for name in drawn if name.startswith(prefixes)}
     assert listing(NOTEBOOK_DIR) == before
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_a_reader_who_opens_a_notebook_finds_its_executed_copy(name):
+    """notebooks/ holds code without outputs; the first cell of each study notebook, and README, link to the copy
+    `make figures` executed, which is committed."""
+    first = nbformat.read(NOTEBOOK_DIR / f"{name}.ipynb", as_version=4).cells[0]
+    assert first.cell_type == "markdown" and f"](../results/notebooks/{name}.ipynb)" in first.source
+    readme = (NOTEBOOK_DIR.parent / "README.md").read_text()
+    assert f"](results/notebooks/{name}.ipynb)" in readme
+    executed = NOTEBOOK_DIR.parent / "results" / "notebooks" / f"{name}.ipynb"
+    assert executed.exists()
+    outputs = [o for c in nbformat.read(executed, as_version=4).cells if c.cell_type == "code" for o in c.outputs]
+    assert any(o.get("output_type") == "display_data" and "image/png" in o.get("data", {}) for o in outputs)
