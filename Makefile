@@ -52,7 +52,7 @@ e2e: $(STAMP) ## open the playground in headless Chromium, check its widgets ren
 	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
 		$(SUDO) apt-get install -y chromium chromium-driver || \
 		{ $(SUDO) apt-get update && $(SUDO) apt-get install -y chromium chromium-driver; }
-	$(PY) -m multinorm.e2e --steps 64 --out figures/playground.png
+	$(PY) -m multinorm.studies.e2e --steps 64 --out figures/playground.png
 
 bench: $(STAMP) ## benchmark: optimizer steps vs AdamW, floors, nano training, communication -> results/bench/
 	$(PY) -m multinorm.bench --out results/bench

@@ -83,7 +83,7 @@ def signal_at(monkeypatch):
     Runs are interrupted the way users interrupt them, without a hook in the trainer."""
     import signal
 
-    import multinorm.train as train_module
+    import multinorm.train.loop as train_module
 
     def arm(step, signum=signal.SIGTERM, nth_load=1):
         real_load = train_module.load_data

@@ -5,7 +5,7 @@ import pytest
 
 import math
 
-from multinorm.ablations import QUESTIONS, VARIANTS, ablation_answers, effect, lr_sensitivity
+from multinorm.studies.ablations import QUESTIONS, VARIANTS, ablation_answers, effect, lr_sensitivity
 from multinorm.optim import OPTIMIZERS
 
 

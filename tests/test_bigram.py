@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from multinorm.bigram import bigram_loss
+from multinorm.studies.bigram import bigram_loss
 
 
 def test_a_deterministic_sequence_is_predicted_almost_perfectly():

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from multinorm.convergence import (ConvergenceStudy, StudyMethod, _extension, bench_throughput,
+from multinorm.studies.convergence import (ConvergenceStudy, StudyMethod, _extension, bench_throughput,
                                    bench_throughput_ratios, best_config, interior, paired_comparisons,
                                    results_table, seed_curves, selection_bias, verdict_lines, verdict_table,
                                    comparison_table, speedup_groups, speedup_text)

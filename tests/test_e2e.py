@@ -5,7 +5,7 @@ import socket
 import sys
 import urllib.parse
 
-from multinorm.e2e import FALLBACK_TEXTS, free_port, lab_command, lab_url, parse_args, trained_steps, write_lab_settings
+from multinorm.studies.e2e import FALLBACK_TEXTS, free_port, lab_command, lab_url, parse_args, trained_steps, write_lab_settings
 
 
 def test_free_port_can_be_bound():

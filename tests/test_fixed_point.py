@@ -1,8 +1,8 @@
-"""multinorm.fixed_point: notebook 01's summary sentences from its tables."""
+"""multinorm.studies.fixed_point: notebook 01's summary sentences from its tables."""
 
 import pandas as pd
 
-from multinorm.fixed_point import shape_kind, summary_lines
+from multinorm.studies.fixed_point import shape_kind, summary_lines
 
 EPS = 1.19e-07
 THRESHOLDS = {"1e-3": 1e-3, "fp32": EPS}
@@ -42,7 +42,7 @@ def test_summary_lines_state_what_the_tables_show():
     assert "needs more passes on real LLaMA gradients than on synthetic matrices" in lines[1]
     assert "after training (4,096 AdamW tokens) 2 (1e-3), > 3 (fp32)" in lines[1]
     assert "default L = 2 is enough for 1e-3 on every layer, not for fp32" in lines[1]
-    assert lines[2].endswith("on 2 of 3 matrix/method cases.")
+    assert "on 2 of 3 matrix/method cases, up to float64 round-off (a tolerance of 1e-12" in lines[2]
     assert "is a one-pass fixed point on wide matrices** (`down_proj`: worst residual 1.0e-09" in lines[3]
     assert "real LLaMA gradients 2.0e-09 after one pass" in lines[3]
     assert "but not on tall ones (`gate_proj`, `up_proj`: residual 3.0e-01 after one pass" in lines[3]

@@ -2,7 +2,7 @@
 
 import torch
 
-from multinorm.gradients import capture_gradients
+from multinorm.studies.gradients import capture_gradients
 from multinorm.llama import build_model, split_parameters
 from multinorm.train import TrainConfig, train
 

@@ -34,7 +34,7 @@ def test_importing_the_optimizers_does_not_import_transformers():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
     # The studies' modules import it only when a model is built or trained, so redrawing from recorded runs
     # (`make figures REUSE=1`) skips the seconds it takes.
-    code = ("import multinorm.convergence, multinorm.sweep, multinorm.train, multinorm.llama, sys; "
+    code = ("import multinorm.studies.convergence, multinorm.studies.sweep, multinorm.train, multinorm.llama, sys; "
             "assert 'transformers' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
 

@@ -1,11 +1,11 @@
-"""multinorm.memory: every registry optimizer has an analytic memory, and the counts follow the formulas."""
+"""multinorm.studies.memory: every registry optimizer has an analytic memory, and the counts follow the formulas."""
 
 import pytest
 
 import torch
 
 from multinorm.llama import build_model
-from multinorm.memory import METHODS, analytic_memory, default_rank, state_elements
+from multinorm.studies.memory import METHODS, analytic_memory, default_rank, state_elements
 from multinorm.optim import OPTIMIZERS, build_optimizer, optimizer_state_bytes
 
 STATELESS = ("sgd", "sinkgd", "swan", "swan-nsds", "mngd", "swan-0")
@@ -102,6 +102,6 @@ def test_unknown_method_names_raise_a_clear_error(name):
 def test_the_compiled_sinkgd_step_has_a_fixed_resident_cost():
     """numba, llvmlite and the compiled loop stay resident once SinkGD's fused CPU step has run (notebook 03
     sets it against the peak RSS of SinkGD and AdamW runs)."""
-    from multinorm.memory import compiled_step_rss_bytes
+    from multinorm.studies.memory import compiled_step_rss_bytes
 
     assert 10e6 < compiled_step_rss_bytes() < 1e9

@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from multinorm.studies import NOTEBOOKS, SCALES, run_all
+from multinorm.studies.runner import NOTEBOOKS, SCALES, run_all
 
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 

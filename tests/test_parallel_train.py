@@ -19,7 +19,7 @@ from test_train import cli_args
 
 pytestmark = pytest.mark.usefixtures("data_cache_root")
 
-SRC = Path(train_module.__file__).resolve().parents[1]
+SRC = Path(train_module.__file__).resolve().parents[2]
 SIGNALLED = Path(__file__).resolve().parent / "train_signalled.py"
 
 
@@ -152,12 +152,12 @@ class Killed(BaseException):
 def test_a_kill_while_a_distributed_checkpoint_is_swapped_in_leaves_the_previous_one(tmp_path, monkeypatch):
     import torch
 
-    from multinorm import distributed_checkpoint
+    from multinorm.train import checkpoint
     from multinorm.parallel import Parallel
 
     model = torch.nn.Linear(3, 2)
     optimizer = torch.optim.AdamW(model.parameters())
-    distributed_checkpoint.save(tmp_path, model, optimizer, {"step": 1}, Parallel())
+    checkpoint.save_sharded(tmp_path, model, optimizer, {"step": 1}, Parallel())
     real_replace, moves = os.replace, []
 
     def dying_replace(src, dst):
@@ -168,13 +168,13 @@ def test_a_kill_while_a_distributed_checkpoint_is_swapped_in_leaves_the_previous
 
     monkeypatch.setattr(os, "replace", dying_replace)
     with pytest.raises(Killed):
-        distributed_checkpoint.save(tmp_path, model, optimizer, {"step": 2}, Parallel())
+        checkpoint.save_sharded(tmp_path, model, optimizer, {"step": 2}, Parallel())
     monkeypatch.undo()
     assert moves[-2:] == ["checkpoint.dcp.old", "checkpoint.dcp"]  # killed between the two renames
-    folder = distributed_checkpoint.find(tmp_path)
-    assert folder.name == "checkpoint.dcp.old" and distributed_checkpoint.read_trainer_state(folder)["step"] == 1
+    folder = checkpoint.find_sharded(tmp_path)
+    assert folder.name == "checkpoint.dcp.old" and checkpoint.read_trainer_state(folder)["step"] == 1
     before = model.weight.detach().clone()
     with torch.no_grad():
         model.weight.zero_()
-    distributed_checkpoint.load(folder, model, optimizer)
+    checkpoint.load_sharded(folder, model, optimizer)
     assert torch.equal(model.weight, before)

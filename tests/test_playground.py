@@ -10,9 +10,9 @@ import nbformat
 import pandas as pd
 import pytest
 
-from multinorm.playground import (REPO, LossPlot, Playground, Settings, reference_curve, reference_train_curve,
+from multinorm.studies.playground import (REPO, LossPlot, Playground, Settings, reference_curve, reference_train_curve,
                                   repo_path, run_figure, tuned_run)
-from multinorm.studies import NOTEBOOKS
+from multinorm.studies.runner import NOTEBOOKS
 
 NOTEBOOK = REPO / "notebooks" / "00_playground.ipynb"
 

@@ -3,7 +3,7 @@
 import matplotlib.colors as mcolors
 
 from multinorm.optim import OPTIMIZERS
-from multinorm.report import IMPLEMENTATIONS, METHOD_STYLES, method_colors, method_label, method_style
+from multinorm.studies.report import IMPLEMENTATIONS, METHOD_STYLES, method_colors, method_label, method_style
 
 STUDY_METHODS = ["adamw", "adamw-split", "frozen-hidden", "sgd", "sinkgd", "swan", "muon", "galore", "apollo-mini",
                  "apollo", "fira"]

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from multinorm.scaling import Cell, CellResult, cell_config, centred_grid, runs_dir_of, seed_speedups, trend
+from multinorm.studies.scaling import Cell, CellResult, cell_config, centred_grid, runs_dir_of, seed_speedups, trend
 from multinorm.train import TrainConfig
 
 

@@ -1,11 +1,11 @@
-"""Paired intervals, speed-ups and verdicts (multinorm.stats)."""
+"""Paired intervals, speed-ups and verdicts (multinorm.studies.stats)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from multinorm.stats import mean_ci, product_ci, ratio_ci, token_speedup, tokens_to_reach, verdict
+from multinorm.studies.stats import mean_ci, product_ci, ratio_ci, token_speedup, tokens_to_reach, verdict
 
 
 def test_mean_ci_matches_the_t_interval_by_hand():

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from multinorm.studies import _write_timing
+from multinorm.studies.runner import _write_timing
 
 
 def test_timing_table_merges_runs_per_scale_and_notebook(tmp_path):
@@ -29,7 +29,7 @@ def test_timing_table_merges_runs_per_scale_and_notebook(tmp_path):
 
 
 def test_run_folders_give_the_training_time_of_a_campaign_over_several_sittings(tmp_path, monkeypatch):
-    import multinorm.studies as studies
+    import multinorm.studies.runner as studies
 
     monkeypatch.setattr(studies.os, "cpu_count", lambda: 2)
     runs = [("convergence", "a", "completed", 3600.0, 1), ("convergence", "b", "completed", 1800.0, 2),
@@ -50,13 +50,13 @@ def test_run_folders_give_the_training_time_of_a_campaign_over_several_sittings(
 
 
 def test_quick_scale_writes_to_its_own_folders_and_never_touches_readme(monkeypatch):
-    import multinorm.report
-    import multinorm.studies as studies
+    import multinorm.studies.report
+    import multinorm.studies.runner as studies
 
     calls = []
     monkeypatch.setattr(studies, "run_all", lambda *args: calls.append(args) or {"01_fixed_point": 1.0})
     monkeypatch.setattr(studies, "_write_timing", lambda *args: calls.append(("timing", *args)))
-    monkeypatch.setattr(multinorm.report, "update_readme", lambda *a, **k: (_ for _ in ()).throw(
+    monkeypatch.setattr(multinorm.studies.report, "update_readme", lambda *a, **k: (_ for _ in ()).throw(
         AssertionError("the quick scale must not rewrite README")))
     assert studies.main(["figures", "--scale", "quick", "--resume", "--jobs", "2"]) == 0
     scale, results_dir, figures_dir, only, overrides, mode, jobs = calls[0]
@@ -67,13 +67,13 @@ def test_quick_scale_writes_to_its_own_folders_and_never_touches_readme(monkeypa
 
 
 def test_default_scale_writes_results_and_readme(monkeypatch):
-    import multinorm.report
-    import multinorm.studies as studies
+    import multinorm.studies.report
+    import multinorm.studies.runner as studies
 
     calls = []
     monkeypatch.setattr(studies, "run_all", lambda *args: calls.append(args) or {"01_fixed_point": 1.0})
     monkeypatch.setattr(studies, "_write_timing", lambda *args: calls.append(("timing", *args)))
-    monkeypatch.setattr(multinorm.report, "update_readme", lambda readme, results: calls.append(("readme", results)) or [])
+    monkeypatch.setattr(multinorm.studies.report, "update_readme", lambda readme, results: calls.append(("readme", results)) or [])
     assert studies.main(["figures", "--reuse"]) == 0
     assert calls[0][1] == studies.REPO / "results" and calls[0][5] == "reuse"
     assert calls[1] == ("timing", studies.REPO / "results", "default", {})  # reuse mode: no notebook timing
@@ -81,7 +81,7 @@ def test_default_scale_writes_results_and_readme(monkeypatch):
 
 
 def test_relative_results_and_figures_dirs_are_taken_from_the_current_directory(monkeypatch, tmp_path):
-    import multinorm.studies as studies
+    import multinorm.studies.runner as studies
 
     calls = []
     monkeypatch.chdir(tmp_path)
@@ -91,7 +91,7 @@ def test_relative_results_and_figures_dirs_are_taken_from_the_current_directory(
 
 
 def test_reuse_tables_records_parameters_and_reuses_only_tables_made_with_them(tmp_path, capsys):
-    from multinorm.report import reuse_tables
+    from multinorm.studies.report import reuse_tables
 
     params = {"max_iters": 4, "extra_shapes": [(24, 16)]}
     assert reuse_tables(tmp_path, "reuse", params)  # tables recorded without parameters: read unchecked, with a note
@@ -122,11 +122,11 @@ def test_pandas_reads_back_the_floats_it_wrote(tmp_path):
 
 def test_notebook_kernels_report_finished_runs_to_the_terminal(tmp_path, monkeypatch):
     """The kernel of each notebook inherits `$MULTINORM_RUN_LOG`, so its grids print a line per finished run
-    (`multinorm.sweep`); the caller's environment is left as it was."""
+    (`multinorm.studies.sweep`); the caller's environment is left as it was."""
     import papermill
 
-    import multinorm.studies as studies
-    from multinorm.sweep import RUN_LOG_ENV
+    import multinorm.studies.runner as studies
+    from multinorm.studies.sweep import RUN_LOG_ENV
 
     monkeypatch.delenv(RUN_LOG_ENV, raising=False)
     seen = []
@@ -136,7 +136,7 @@ def test_notebook_kernels_report_finished_runs_to_the_terminal(tmp_path, monkeyp
 
 
 def test_status_lists_finished_and_unfinished_runs(tmp_path, capsys):
-    import multinorm.studies as studies
+    import multinorm.studies.runner as studies
 
     def run(name, summary, steps_logged):
         folder = tmp_path / "runs" / "convergence" / name
@@ -158,7 +158,7 @@ def test_status_lists_finished_and_unfinished_runs(tmp_path, capsys):
 
 
 def test_jobs_default_to_one_run_per_core_on_the_cpu_and_one_on_a_gpu(monkeypatch):
-    import multinorm.studies as studies
+    import multinorm.studies.runner as studies
 
     calls = []
     monkeypatch.setattr(studies, "run_all", lambda *args: calls.append(args) or {})
@@ -178,7 +178,7 @@ def test_a_stopped_study_exits_130_with_one_line_and_writes_nothing(monkeypatch,
     from nbclient.exceptions import DeadKernelError
     from papermill.exceptions import PapermillExecutionError
 
-    import multinorm.studies as studies
+    import multinorm.studies.runner as studies
 
     written = []
     monkeypatch.setattr(studies, "_write_timing", lambda *args: written.append(args))

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from multinorm.sweep import RUN_LOG_ENV, MissingRunsError, config_key, load_runs, run_grid, run_one
+from multinorm.studies.sweep import RUN_LOG_ENV, MissingRunsError, config_key, load_runs, run_grid, run_one
 from multinorm.train import TrainConfig
 
 VOLATILE = {"tokens_per_s", "wall_s", "peak_memory_bytes"}
@@ -93,7 +93,7 @@ def test_a_worker_keeps_a_stop_signal_and_starts_no_further_run(tmp_path, monkey
     """What a pool worker does (a `_start_worker` latch, then ``_execute(..., worker=True)`` per run): a signal in
     a run's last step lets that run complete but is kept, and so is one between runs; the runs the pool had
     already handed the worker then come back as None without a folder, so the grid stops promptly."""
-    import multinorm.sweep as sweep
+    import multinorm.studies.sweep as sweep
     from multinorm.train import train
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -200,7 +200,7 @@ def test_train_outside_the_main_thread_leaves_signals_alone(tmp_path, guarded_si
 
 
 def _run_cli(args, **kwargs):
-    src = str(Path(train_module.__file__).resolve().parents[1])
+    src = str(Path(train_module.__file__).resolve().parents[2])
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-m", "multinorm.train", *args], env=env, stdout=subprocess.PIPE,
@@ -430,7 +430,7 @@ def test_lr_zero_with_adam_lr_freezes_only_the_hidden_matrices(tmp_path):
 
 
 def test_run_records_call_only_uncommitted_code_dirty(tmp_path):
-    from multinorm.train import _git_commit
+    from multinorm.train.records import git_commit as _git_commit
 
     def git(*args):
         subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)

@@ -8,7 +8,8 @@ import os
 import signal
 import sys
 
-import multinorm.train as train_module
+import multinorm.train.loop as train_module
+from multinorm.train import main
 
 RANK, STEP = os.environ["SIGNAL_RANK"], int(os.environ["SIGNAL_AT_STEP"])
 real_load = train_module.load_data
@@ -28,4 +29,4 @@ def load_data(*args, **kwargs):
 
 
 train_module.load_data = load_data
-sys.exit(train_module.main(sys.argv[1:]))
+sys.exit(main(sys.argv[1:]))

@@ -58,7 +58,6 @@ __all__ = [
     "unit_max_root",
     "sinkhorn_square_scalings",
     "multi_normalize",
-    "fixed_point_residual",
 ]
 
 DEFAULT_EPS = 1e-8
@@ -539,19 +538,3 @@ def multi_normalize(G: Tensor, ops: Sequence[str | Normalizer], iters: int = 1) 
         for fn in fns:
             X = fn(X)
     return X.to(G.dtype)
-
-
-def fixed_point_residual(G: Tensor, ops: Sequence[str | Normalizer]) -> float:
-    r"""``max_i ||P_i(G) - G||_F / ||G||_F`` over the operators (Frobenius over the whole tensor).
-
-    Zero when G is a simultaneous fixed point of every P_i; 0.0 for an all-zero G.
-    """
-    _check(G, "fixed_point_residual")
-    if isinstance(ops, str):
-        ops = (ops,)
-    fns = [_resolve(op) for op in ops]
-    X = G.to(_compute_dtype(G.dtype))
-    norm = torch.linalg.vector_norm(X).item()
-    if norm == 0.0:
-        return 0.0
-    return max(torch.linalg.vector_norm(fn(X) - X).item() for fn in fns) / norm

@@ -1,7 +1,7 @@
 """How many runs to train at once on this machine's cores (`make figures JOBS=N`).
 
 A study grid trains independent runs; with ``JOBS=N`` it trains N at a time, each with ``cores // N`` torch
-threads (:mod:`multinorm.sweep`). Small models use several threads poorly, so N runs of one thread may train
+threads (:mod:`multinorm.studies.sweep`). Small models use several threads poorly, so N runs of one thread may train
 more tokens per second in total than one run of N threads. This measures it: for each N that divides the
 cores, N processes start together, each trains ``steps`` AdamW steps of the studies' setup
 (:class:`multinorm.bench.training.TrainSetup`) after two warm-up steps, and the tokens/s of all N are summed.

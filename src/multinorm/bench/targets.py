@@ -99,7 +99,7 @@ def read_tables(out: Path) -> dict[str, pd.DataFrame]:
 
 
 def _table(frame: pd.DataFrame) -> str:
-    from ..report import markdown_table
+    from ..studies.report import markdown_table
 
     return markdown_table(frame)
 

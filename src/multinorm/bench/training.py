@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..llama import build_model
 from ..optim import build_optimizer
-from ..stats import ratio_ci
+from ..studies.stats import ratio_ci
 from .measure import interleave, ratio_summary
 
 __all__ = ["TrainSetup", "make_loops", "train_throughput", "train_profile", "PHASES",

@@ -1,4 +1,5 @@
-"""The summary of notebook 01 (fixed points of SR-Sinkhorn and of SWAN's pair): README bullets from its tables.
+"""Notebook 01's measure and summary (fixed points of SR-Sinkhorn and of SWAN's pair): the fixed-point residual of a
+matrix under a set of normalizations, and README bullets from the notebook's tables.
 
 The notebook computes the tables (residual after L passes on synthetic matrices and on captured LLaMA
 gradients, the monotone inner products, the passes each precision needs); this module turns them into the
@@ -8,11 +9,15 @@ sentences of README's "Fixed point" section, so the wording lives in one tested 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import pandas as pd
+import torch
+from torch import Tensor
 
-__all__ = ["shape_kind", "summary_lines"]
+from multinorm.normalize import Normalizer, multi_normalize
+
+__all__ = ["fixed_point_residual", "shape_kind", "summary_lines", "MONOTONE_TOL"]
 
 KIND_NAMES = {"wide": "wide matrices", "square": "square ones", "tall": "tall ones"}
 KIND_LAYERS = {"wide": "`down_proj`", "square": "the attention projections", "tall": "`gate_proj`, `up_proj`"}
@@ -20,6 +25,20 @@ KIND_LAYERS = {"wide": "`down_proj`", "square": "the attention projections", "ta
 # is a fixed point after one pass on wide matrices only
 PREDICTED = {"wide": True, "square": False, "tall": False}
 WHEN = {"init": "at initialisation", "trained": "after training"}
+
+
+def fixed_point_residual(G: Tensor, ops: Sequence[str | Normalizer]) -> float:
+    r"""``max_i ||P_i(G) - G||_F / ||G||_F`` over the normalizations ``ops`` (names of
+    :data:`multinorm.normalize.NORMALIZERS` or callables; Frobenius over the whole tensor), computed in float32
+    (float64 for a float64 ``G``). Zero when G is a simultaneous fixed point of every P_i; 0.0 for an all-zero G.
+    A measurement for the study, read on the host (unlike the optimizers' steps, it synchronises)."""
+    if isinstance(ops, str):
+        ops = (ops,)
+    X = G.to(torch.float64 if G.dtype == torch.float64 else torch.float32)
+    norm = torch.linalg.vector_norm(X).item()
+    if norm == 0.0:
+        return 0.0
+    return max(torch.linalg.vector_norm(multi_normalize(X, (op,)) - X).item() for op in ops) / norm
 
 
 def shape_kind(m: int, n: int) -> str:

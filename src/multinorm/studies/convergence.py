@@ -14,10 +14,10 @@ Protocol (the notebook states it for readers; this module is its code):
    pooled) and reported next to the results. ``reuse_selection_seed=False`` trains K new seeds instead.
 4. **The AdamW baseline** is the better (lower mean final loss over the reported seeds) of ``adamw`` and
    ``adamw-split``.
-5. **Comparisons are paired by seed** (:mod:`multinorm.stats`): final-loss differences with t intervals,
+5. **Comparisons are paired by seed** (:mod:`multinorm.studies.stats`): final-loss differences with t intervals,
    token speed-ups at the baseline's loss after 50 %, 75 % and 100 % of the budget, throughput ratios.
 
-All runs go through :func:`multinorm.sweep.run_grid`, so they are cached, resumable and parallel.
+All runs go through :func:`multinorm.studies.sweep.run_grid`, so they are cached, resumable and parallel.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from multinorm.stats import mean_ci, product_ci, ratio_ci, token_speedup, verdict
-from multinorm.sweep import load_curves, run_grid
+from multinorm.studies.stats import mean_ci, product_ci, ratio_ci, token_speedup, verdict
+from multinorm.studies.sweep import load_curves, run_grid
 from multinorm.train import TrainConfig
 
 __all__ = ["StudyMethod", "ConvergenceStudy", "FRACTIONS", "CLAIMS", "paired_comparisons", "selection_bias",
@@ -70,7 +70,7 @@ class ConvergenceStudy:
     """Runs the protocol of the module docstring in one results folder.
 
     ``base`` holds the regime (model, data, budget, evaluation); ``mode`` and ``jobs`` are those of
-    :func:`multinorm.sweep.run_grid`. Every batch of independent runs is one ``run_grid`` call, so ``jobs``
+    :func:`multinorm.studies.sweep.run_grid`. Every batch of independent runs is one ``run_grid`` call, so ``jobs``
     workers stay busy.
     """
 
@@ -313,7 +313,7 @@ def effective_throughput(final: pd.DataFrame, curves: pd.DataFrame, method: str,
     """(Token speed-up at 100 %) x (raw throughput ratio), with its log-scale interval.
 
     With ``throughput`` (per-round ratios from :func:`bench_throughput_ratios`) the two independent samples
-    are combined by :func:`multinorm.stats.product_ci`; without it each seed's speed-up is multiplied by the
+    are combined by :func:`multinorm.studies.stats.product_ci`; without it each seed's speed-up is multiplied by the
     same seed's tokens/s ratio from the run records."""
     seeds, speed, _ = _speedups(final, curves, method, reference)
     if not seeds:
@@ -473,7 +473,7 @@ def comparison_table(verdicts: pd.DataFrame) -> pd.DataFrame:
     """:func:`verdict_table` for README: the references by name and ``ours`` with its interval in one column
     (:func:`speedup_text`, so a bound from censored seeds reads as one), the regime when the table has its
     columns (:func:`regime_columns`) and the trends when it has them (:data:`TREND_COLUMNS`)."""
-    from multinorm.report import method_label
+    from multinorm.studies.report import method_label
 
     ours = [speedup_text(v.ours, v.ci_low, v.ci_high, int(v.n), int(v.censored)) for v in verdicts.itertuples()]
     table = pd.DataFrame({"claim": verdicts.claim, "paper": verdicts.paper, "ours [95 % CI]": ours,
@@ -512,7 +512,7 @@ def results_table(final: pd.DataFrame, comparisons: pd.DataFrame, methods: Seque
     """One row per method for README: tuned lr, seeds, mean final loss, and against the baseline the paired
     final-loss difference, the token speed-ups at each target and the tokens/s ratio, each ``estimate [95 % CI]``
     (with the number of censored seeds, which never reached a target, where there are any)."""
-    from multinorm.report import method_label
+    from multinorm.studies.report import method_label
 
     rows = []
     for method in methods:
@@ -539,7 +539,7 @@ def verdict_lines(verdicts: pd.DataFrame, grids: pd.DataFrame, regime: pd.DataFr
     """README bullets: one per claim (ours with its interval, the verdict), then whether every tuned lr is
     interior, the pooled selection bias (rows ``"all methods"`` and ``"all methods but ..."`` of
     :func:`selection_bias`) and the regime checks R1-R3."""
-    from multinorm.report import method_label
+    from multinorm.studies.report import method_label
 
     lines = []
     for v in verdicts.itertuples():

@@ -16,8 +16,8 @@ default scale, written to `results/`, rewrites README's results sections.
 The notebooks resolve their path parameters from the repository root (`multinorm.paths`), so they write to
 the same places whether run from here or opened in Jupyter in `notebooks/` (`make lab`); relative
 `--results-dir` and `--figures-dir` are taken from the current directory. In reuse mode nothing is trained or
-measured: 02 and 04 read their finished runs (`multinorm.sweep`), 01 and 03 the tables they recorded, checked
-against their parameters (`multinorm.report.reuse_tables`).
+measured: 02 and 04 read their finished runs (`multinorm.studies.sweep`), 01 and 03 the tables they recorded, checked
+against their parameters (`multinorm.studies.report.reuse_tables`).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def run_notebook(name: str, parameters: dict[str, Any], output_dir: Path, cwd: P
     """Execute `notebooks/<name>.ipynb` with `parameters`; write the executed copy; return seconds taken."""
     import papermill
 
-    from multinorm.sweep import RUN_LOG_ENV
+    from multinorm.studies.sweep import RUN_LOG_ENV
 
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     # summed in every mode
     _write_timing(results_dir, args.scale, timings if mode == "train" else {})
     if not args.no_readme and args.scale == "default" and results_dir.resolve() == (REPO / "results").resolve():
-        from multinorm.report import update_readme
+        from multinorm.studies.report import update_readme
 
         updated = update_readme(REPO / "README.md", results_dir)
         print(f"README sections updated: {', '.join(updated) or 'none'}")

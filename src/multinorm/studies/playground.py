@@ -4,7 +4,7 @@
     BackgroundRun     `python -m multinorm.train` for one run in a subprocess; `stop()` is a Ctrl-C
     LossPlot          validation (and training) loss against tokens, over the convergence study's tuned curve
     Playground        the widgets: a Train button that runs in the background with a live plot, a Stop button
-    lr_sweep          a few short runs of one optimizer at several learning rates (`multinorm.sweep.run_grid`)
+    lr_sweep          a few short runs of one optimizer at several learning rates (`multinorm.studies.sweep.run_grid`)
 
 Every run is an ordinary run record under `results/runs/playground/`. Relative paths are taken from the
 repository root, so the notebook gives the same results when it is opened from `notebooks/`.
@@ -39,8 +39,8 @@ from matplotlib.figure import Figure
 from multinorm.optim import OPTIMIZERS
 from multinorm.paths import repo_root
 from multinorm.paths import resolve as repo_path  # `path` if absolute, else under the repository root
-from multinorm.report import method_label
-from multinorm.sweep import config_key, load_curves, run_grid, run_id
+from multinorm.studies.report import method_label
+from multinorm.studies.sweep import config_key, load_curves, run_grid, run_id
 from multinorm.train import TrainConfig
 
 __all__ = ["REPO", "RUNS_DIR", "CURVES_CSV", "FINAL_RUNS_CSV", "repo_path", "Settings", "tuned_run", "reference_curve",
@@ -464,7 +464,7 @@ class Playground:
 
 def lr_sweep(settings: Settings, lrs: list[float], runs_dir: str | Path = f"{RUNS_DIR}/sweep",
              mode: str = "resume") -> tuple[pd.DataFrame, pd.DataFrame]:
-    """`settings` at each lr of `lrs` (`multinorm.sweep.run_grid`; in "resume" mode finished runs are kept).
+    """`settings` at each lr of `lrs` (`multinorm.studies.sweep.run_grid`; in "resume" mode finished runs are kept).
     Returns the summary table (one row per lr) and the validation curves (run_id, tokens, val_loss, ...)."""
     base = settings.config(runs_dir)
     results_dir = repo_path(runs_dir)

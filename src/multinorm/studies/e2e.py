@@ -282,7 +282,7 @@ def trained_steps(status_line: str, runs_dir: str | Path | None = None) -> int |
     """The last step recorded by the run a playground status line names ("completed: ... (<run id>)"), read from
     its metrics.jsonl under `runs_dir` (default: the playground's); None if the line names no run with a record."""
     if runs_dir is None:
-        from multinorm.playground import RUNS_DIR as runs_dir
+        from multinorm.studies.playground import RUNS_DIR as runs_dir
     if not status_line.endswith(")"):
         return None
     path = repo_path(runs_dir) / status_line.rsplit("(", 1)[-1][:-1] / "metrics.jsonl"
@@ -291,7 +291,7 @@ def trained_steps(status_line: str, runs_dir: str | Path | None = None) -> int |
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m multinorm.e2e", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m multinorm.studies.e2e", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--out", default="figures/playground.png",
                         help="screenshot of the trained run (relative: under the repository root)")

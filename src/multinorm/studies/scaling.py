@@ -2,7 +2,7 @@
 each method's paired token speed-up over a tuned AdamW move toward the papers' claims, away from them, or stay?
 
 A *cell* is a model and a batch size at the study's number of steps. Every cell runs the protocol of
-:mod:`multinorm.convergence` on its own: AdamW tuned over lr x beta2 in {0.95, 0.999} (each beta2 to an interior
+:mod:`multinorm.studies.convergence` on its own: AdamW tuned over lr x beta2 in {0.95, 0.999} (each beta2 to an interior
 optimum), the hidden-frozen control at the tuned AdamW (for R2), and SinkGD, SWAN and Muon tuned on seed 0 and
 re-run on more seeds, paired by seed against the cell's AdamW. A cell's lr grids are centred on the tuned lr of
 its neighbour toward the base cell (:func:`centred_grid`), so three points usually suffice; an optimum on an
@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-from multinorm.convergence import (ConvergenceStudy, StudyMethod, _curve, best_config, interior,
+from multinorm.studies.convergence import (ConvergenceStudy, StudyMethod, _curve, best_config, interior,
                                    paired_comparisons, seed_curves)
-from multinorm.stats import token_speedup
+from multinorm.studies.stats import token_speedup
 from multinorm.train import TrainConfig
 
 __all__ = ["Cell", "cell_config", "centred_grid", "runs_dir_of", "ScalingStudy", "CellResult", "cell_rows",

@@ -1,7 +1,7 @@
 """The ablation variants of notebook 04 and the answers their paired comparisons give.
 
 Each variant removes or changes one part of a parent method (SinkGD or SWAN) and is compared with that parent
-run for run, paired by seed (`multinorm.convergence.paired_comparisons`). The questions:
+run for run, paired by seed (`multinorm.studies.convergence.paired_comparisons`). The questions:
 
 * SR-Sinkhorn passes (Algorithm 3 of the SinkGD paper, L = 5 by default): is one pass (or ten) as good?
 * SWAN's parts: GradNorm alone, whitening alone, both; the SWAN paper reports that both are needed.
@@ -80,7 +80,7 @@ def _swan_parts(diff: pd.DataFrame) -> str | None:
 def ablation_answers(diff: pd.DataFrame, grids: pd.DataFrame | None = None) -> str:
     """Markdown bullets answering each question from ``diff``: rows of ``paired_comparisons`` with
     ``quantity == "final_loss_diff"`` (columns method, estimate, ci_low, ci_high, n); ``grids``
-    (`multinorm.convergence.interior`) adds whether every tuned lr is interior to its grid."""
+    (`multinorm.studies.convergence.interior`) adds whether every tuned lr is interior to its grid."""
     diff = diff.set_index("method")
     lines = []
     for question, names in QUESTIONS.items():

@@ -1,0 +1,3 @@
+from multinorm.studies.runner import main
+
+raise SystemExit(main())

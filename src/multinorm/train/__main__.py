@@ -1,0 +1,3 @@
+from multinorm.train.cli import main
+
+raise SystemExit(main())
