@@ -24,14 +24,14 @@ help: ## list the targets
 	@echo "    --results-dir DIR, --figures-dir DIR, --no-readme (leave README alone); see its --help)"
 	@echo "  other variables: TEST_WORKERS=auto|N (pytest-xdist), PYTHON=python3 (venv interpreter)"
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	$(PY) -m ipykernel install --sys-prefix --name python3 >/dev/null
 	@touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install the package (idempotent)
+setup: $(STAMP) ## create .venv and install the package with every extra at the versions of constraints.txt (idempotent)
 
 data: $(STAMP) ## build the embedded wiki-sample corpus and tokenizer cache in data/
 	$(PY) -m multinorm.data --dataset wiki-sample

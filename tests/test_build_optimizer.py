@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -76,11 +77,23 @@ def test_every_optimizer_lowers_the_loss_on_wiki_sample(name, wiki_batch):
     assert losses[-1] < 0.8 * losses[0], losses
 
 
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def named_split(model):
+    """(hidden, rest) as (name, parameter) lists, chosen by name here: the routing rule written out, not the
+    function under test."""
+    named = list(model.named_parameters())
+    hidden = [(n, p) for n, p in named if n.endswith(tuple(f".{x}.weight" for x in PROJECTIONS))]
+    return hidden, [(n, p) for n, p in named if not n.endswith(tuple(f".{x}.weight" for x in PROJECTIONS))]
+
+
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_groups_are_named_and_cover_every_parameter_once(name):
     model = nano()
     opt = build_optimizer(model, name, 1e-3, **SMALL.get(name, {}))
-    hidden, rest = split_parameters(model)
+    hidden, rest = named_split(model)
+    assert len(hidden) == 7 * model.config.num_hidden_layers
     by_name = {}
     for group in opt.param_groups:
         by_name.setdefault(group["name"], []).extend(group["params"])
@@ -158,6 +171,13 @@ def test_adamw_split_lr_is_one_adamw_with_two_group_lrs():
     assert [p for p in opt.param_groups[1]["params"]] == [p for _, p in rest]
 
 
+def test_a_missing_baseline_package_names_the_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "galore_torch", None)  # as if galore-torch were not installed
+    with pytest.raises(ModuleNotFoundError, match=r"optimizer 'galore' needs the package 'galore_torch': "
+                                                   r"pip install 'multinorm\[baselines\]'"):
+        build_optimizer(nano(), "galore", 1e-3)
+
+
 def test_unknown_names_and_hparams_raise_clear_errors():
     model = nano()
     with pytest.raises(ValueError, match="valid names: adamw"):
@@ -173,7 +193,7 @@ def test_hidden_matrices_have_no_optimizer_state(name):
     model, x = nano(), batch()
     opt = build_optimizer(model, name, 1e-3)
     train(model, opt, 2, x)
-    hidden, rest = split_parameters(model)
+    hidden, rest = named_split(model)
     assert optimizer_state_bytes(opt, [p for _, p in hidden]) == 0
     assert opt.optimizers[0].state_dict()["state"] == {}
     # the AdamW group holds two moments per entry (plus a step counter per tensor)

@@ -5,7 +5,7 @@ import socket
 import sys
 import urllib.parse
 
-from multinorm.studies.e2e import FALLBACK_TEXTS, free_port, lab_command, lab_url, parse_args, trained_steps, write_lab_settings
+from multinorm.studies.e2e import free_port, lab_command, lab_url, text_fallbacks, trained_steps, write_lab_settings
 
 
 def test_free_port_can_be_bound():
@@ -46,7 +46,11 @@ def test_trained_steps_reads_the_run_the_status_line_names(tmp_path):
     assert trained_steps("failed (exit code 1): ...", tmp_path) is None
 
 
-def test_defaults_and_the_fallback_texts():
-    args = parse_args([])
-    assert (args.out, args.window_size) == ("figures/playground.png", "1400x1000")
-    assert "VBox(" in FALLBACK_TEXTS and "HBox(" in FALLBACK_TEXTS
+def test_a_widget_shown_as_its_text_fallback_is_caught():
+    outputs = ["Train", "VBox(children=(IntSlider(value=64), Button(description='Train')))\nmore",
+               "", "Loading widget...", "validation loss 6.05"]
+    assert text_fallbacks(outputs) == ["VBox(children=(IntSlider(value=64), Button(description='Train')))",
+                                       "Loading widget..."]
+    assert text_fallbacks(["Train", "a rendered plot"]) == []
+
+

@@ -72,3 +72,40 @@ def test_importing_the_optimizers_loads_torch_and_nothing_heavier():
     out = subprocess.run([sys.executable, "-c", code], check=True, env=env, capture_output=True, text=True,
                          timeout=120).stdout.strip()
     assert out == "[]", f"import multinorm.optim also loads: {out}"
+
+
+def private_torch_uses(source: str) -> list[str]:
+    """Imports of a private torch module (a dotted name with a part starting with "_", e.g. torch.optim._muon)
+    and assignments to an attribute of torch or of a torch module (patching)."""
+    found = []
+    torch_names = {"torch"}
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            for module in modules:
+                if module.split(".")[0] == "torch":
+                    if any(part.startswith("_") for part in module.split(".")[1:]):
+                        found.append(f"import {module}")
+            if isinstance(node, ast.Import):
+                torch_names |= {a.asname or a.name.split(".")[0] for a in node.names if a.name.startswith("torch")}
+        elif isinstance(node, (ast.Assign, ast.AugAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                base = target
+                while isinstance(base, ast.Attribute):
+                    base = base.value
+                if isinstance(target, ast.Attribute) and isinstance(base, ast.Name) and base.id in torch_names:
+                    found.append(f"assignment to {ast.unparse(target)}")
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", "") == "setattr" and node.args:
+            if isinstance(node.args[0], ast.Name) and node.args[0].id in torch_names:
+                found.append(f"setattr({node.args[0].id}, ...)")
+    return found
+
+
+def test_the_library_neither_imports_nor_patches_private_torch_modules():
+    uses = {_module_name(p): private_torch_uses(p.read_text()) for p in library_modules()}
+    assert not {k: v for k, v in uses.items() if v}
+    # the check catches what the Muon wrapper used to do
+    patched = ("import torch.optim._muon as m\nimport torch\nm._zeropower = f\ntorch.optim.x = 1\n"
+               "setattr(torch, 'y', 2)\n")
+    assert private_torch_uses(patched) == ["import torch.optim._muon", "assignment to m._zeropower",
+                                           "assignment to torch.optim.x", "setattr(torch, ...)"]

@@ -43,11 +43,20 @@ def run(opt_factory, steps=3):
     return w.detach().clone(), opt
 
 
-def test_bfloat16_muon_steps_exactly_as_torchs():
-    ours, opt = run(lambda p: Muon(p, lr=0.02, ns_dtype="bfloat16"))
-    theirs, _ = run(lambda p: torch.optim.Muon(p, lr=0.02))
+@pytest.mark.parametrize("kwargs", [{}, {"nesterov": False}, {"weight_decay": 0.3, "momentum": 0.8},
+                                    {"adjust_lr_fn": "match_rms_adamw"}, {"adjust_lr_fn": "original", "ns_steps": 3}])
+def test_bfloat16_muon_steps_exactly_as_torchs(kwargs):
+    ours, opt = run(lambda p: Muon(p, lr=0.02, ns_dtype="bfloat16", **kwargs))
+    theirs, reference = run(lambda p: torch.optim.Muon(p, lr=0.02, **kwargs))
     assert torch.equal(ours, theirs)
-    assert torch_muon._zeropower_via_newtonschulz.__name__ == "_zeropower_via_newtonschulz"  # restored
+    assert torch.equal(opt.state_dict()["state"][0]["momentum_buffer"],
+                       reference.state_dict()["state"][0]["momentum_buffer"])
+
+
+def test_a_step_leaves_torchs_muon_module_as_it_was():
+    before = dict(vars(torch_muon))
+    run(lambda p: Muon(p, lr=0.02))
+    assert dict(vars(torch_muon)) == before
 
 
 def test_auto_runs_fp32_on_cpu_and_tracks_an_fp64_iteration():

@@ -6,6 +6,9 @@ import copy
 import math
 import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -639,3 +642,44 @@ def test_sinkgd_direction_compiles_to_one_graph():
     compiled = torch.compile(lambda G: N.sr_sinkhorn(G, 5), fullgraph=True)  # a graph break raises
     G = matrix_with_grad((24, 40), seed=8).grad
     torch.testing.assert_close(compiled(G), N.sr_sinkhorn(G, 5), rtol=1e-5, atol=1e-6)
+
+
+def test_without_numba_the_fused_step_falls_back_to_the_torch_path(tmp_path):
+    """`pip install multinorm` without the `fast` extra: SinkGD(fused=True) takes the torch path (the same step
+    as fused=False, bit for bit) instead of failing on the missing compiler."""
+    code = (
+        "import sys\n"
+        "sys.modules['numba'] = None  # as if numba were not installed\n"
+        "import torch\n"
+        "from multinorm.optim import SinkGD\n"
+        "from multinorm.optim.sinkgd import compiled_step_available, step_path\n"
+        "assert not compiled_step_available()\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "W0, G = torch.randn(48, 80, generator=g), torch.randn(48, 80, generator=g)\n"
+        "out = []\n"
+        "for fused in (True, False):\n"
+        "    W = torch.nn.Parameter(W0.clone()); W.grad = G.clone()\n"
+        "    opt = SinkGD([W], lr=0.01, fused=fused)\n"
+        "    out.append(step_path(opt.param_groups[0], [W], [W.grad]))\n"
+        "    opt.step(); out.append(W.detach())\n"
+        "assert out[0] == out[2] == 'batched', out[::2]\n"
+        "assert torch.equal(out[1], out[3])\n"
+        "assert 'numba' not in sys.modules or sys.modules['numba'] is None\n"
+        "print('ok')\n"
+    )
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
+
+
+def test_step_path_names_the_compiled_path_for_float32_cpu_matrices_with_numba():
+    from multinorm.optim.sinkgd import compiled_step_available, step_path
+
+    W = matrix_with_grad((48, 80))
+    group = SinkGD([W]).param_groups[0]
+    assert step_path(group, [W], [W.grad]) == ("compiled" if compiled_step_available() else "batched")
+    assert step_path({**group, "fused": False}, [W], [W.grad]) == "batched"
+    assert step_path({**group, "fused": False}, [W], [W.grad], cache_block=100) == "blocked"
+    W64 = matrix_with_grad((48, 80), dtype=torch.float64)
+    assert step_path(group, [W64], [W64.grad]) == "batched"

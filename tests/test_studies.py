@@ -107,19 +107,6 @@ def test_reuse_tables_records_parameters_and_reuses_only_tables_made_with_them(t
     assert json.loads((tmp_path / "parameters.json").read_text())["max_iters"] == 8
 
 
-def test_pandas_reads_back_the_floats_it_wrote(tmp_path):
-    """Reuse mode reads the recorded tables with plain `pd.read_csv`: the numbers must be the written ones."""
-    import numpy as np
-    import pandas as pd
-
-    values = np.random.default_rng(0).standard_normal(2000) * np.logspace(-300, 300, 2000)
-    frame = pd.DataFrame({"x": values, "name": "a", "flag": True, "n": np.arange(2000)})
-    frame.to_csv(tmp_path / "t.csv", index=False)
-    back = pd.read_csv(tmp_path / "t.csv")
-    assert back.x.to_numpy().tobytes() == values.tobytes()
-    pd.testing.assert_frame_equal(back, frame)
-
-
 def test_notebook_kernels_report_finished_runs_to_the_terminal(tmp_path, monkeypatch):
     """The kernel of each notebook inherits `$MULTINORM_RUN_LOG`, so its grids print a line per finished run
     (`multinorm.studies.sweep`); the caller's environment is left as it was."""

@@ -41,13 +41,15 @@ Builder = Callable[[Params, Params, float, dict], list[Optimizer]]
 @dataclass(frozen=True)
 class OptimizerSpec:
     """A registry entry: a one-line description, the hparams it accepts with their defaults, the
-    builder ``(hidden, rest, lr, hparams) -> [child optimizers]``, and whether its step is known to be
-    correct on FSDP2-sharded (DTensor) parameters (``sharded``; tested in tests/test_distributed_optim.py)."""
+    builder ``(hidden, rest, lr, hparams) -> [child optimizers]``, whether its step is known to be
+    correct on FSDP2-sharded (DTensor) parameters (``sharded``; tested in tests/test_distributed_optim.py), and
+    the install extra its package comes with (``extra``: ``pip install 'multinorm[baselines]'``)."""
 
     description: str
     builder: Builder
     defaults: Mapping[str, Any] = field(default_factory=dict)
     sharded: bool = False
+    extra: str | None = None  # the install extra that brings its package, where it needs one
 
 
 _ADAM = {"adam_lr": None, "adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "weight_decay": 0.0}
@@ -157,16 +159,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
          **_ADAM}),
     "galore": OptimizerSpec(
         "GaLore AdamW (galore-torch) with low-rank projection of hidden matrices", _galore,
-        {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", **_ADAM_PKG}),
+        {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", **_ADAM_PKG}, extra="baselines"),
     "apollo": OptimizerSpec(
         "APOLLO (apollo-torch): channel-wise scaling, random projection", _apollo,
-        {"rank": 128, "scale": 1.0, "scale_type": "channel", **_APOLLO_COMMON}),
+        {"rank": 128, "scale": 1.0, "scale_type": "channel", **_APOLLO_COMMON}, extra="baselines"),
     "apollo-mini": OptimizerSpec(
         "APOLLO-Mini (apollo-torch): rank 1, tensor-wise scaling, scale 128", _apollo,
-        {"rank": 1, "scale": 128.0, "scale_type": "tensor", **_APOLLO_COMMON}),
+        {"rank": 1, "scale": 128.0, "scale_type": "tensor", **_APOLLO_COMMON}, extra="baselines"),
     "fira": OptimizerSpec(
         "Fira AdamW (fira): low-rank Adam plus norm-scaled residual, norm-growth limiter", _fira,
-        {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", **_ADAM_PKG}),
+        {"rank": 128, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std", **_ADAM_PKG}, extra="baselines"),
 }
 
 def build_optimizer(model: nn.Module, name: str, lr: float, *,
@@ -189,7 +191,14 @@ def build_optimizer(model: nn.Module, name: str, lr: float, *,
         raise ValueError(f"lr must be >= 0, got {lr}")
     hp = {**spec.defaults, **hparams}
     hidden, rest = split_parameters(model, is_hidden_matrix if is_hidden is None else is_hidden)
-    optimizer = CombinedOptimizer(spec.builder([p for _, p in hidden], [p for _, p in rest], lr, hp))
+    try:
+        children = spec.builder([p for _, p in hidden], [p for _, p in rest], lr, hp)
+    except ModuleNotFoundError as exc:
+        if spec.extra is None:
+            raise
+        raise ModuleNotFoundError(f"optimizer {name!r} needs the package {exc.name!r}: "
+                                  f"pip install 'multinorm[{spec.extra}]'", name=exc.name) from None
+    optimizer = CombinedOptimizer(children)
     _check_coverage(model, optimizer)
     return optimizer
 

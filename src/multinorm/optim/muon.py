@@ -4,21 +4,22 @@ torch's Muon orthogonalizes the momentum in bfloat16, as the reference implement
 bf16 matrix products are the fast ones. A CPU without bf16 matrix units emulates them: on the 2-core machine of
 the studies a 128 x 352 bf16 product is 14x slower than in fp32, and a Muon step on ``nano`` cost more than the
 model's forward and backward together. ``ns_dtype="auto"`` keeps bfloat16 on CUDA and runs the iteration in
-float32 elsewhere; everything else (momentum, Nesterov, the quintic coefficients, the lr adjustment, weight
-decay, the state) is torch's own code.
+float32 elsewhere.
+
+torch exposes no hook for the iteration, so :class:`Muon` keeps torch's class (its arguments, defaults,
+validation and state layout: ``state[p]["momentum_buffer"]``) and writes the step out with public operations,
+op for op as torch's single-tensor step does it: with ``ns_dtype="bfloat16"`` it gives torch's numbers bit for
+bit (``tests/test_muon.py``). Nothing of torch's private modules is used.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
-from collections.abc import Iterator
+import math
 
 import torch
-import torch.optim._muon as _torch_muon
 from torch import Tensor
 
-__all__ = ["Muon", "newton_schulz", "NS_DTYPES"]
+__all__ = ["Muon", "newton_schulz", "adjusted_lr", "NS_DTYPES"]
 
 NS_DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
@@ -27,7 +28,7 @@ def newton_schulz(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_
                   dtype: torch.dtype = torch.bfloat16) -> Tensor:
     """Muon's quintic Newton–Schulz map G -> ~U V^T (torch's iteration, step for step) computed in ``dtype``.
 
-    With ``dtype=torch.bfloat16`` it is ``torch.optim._muon._zeropower_via_newtonschulz``. The iteration runs on
+    With ``dtype=torch.bfloat16`` it is torch's iteration (the one ``torch.optim.Muon`` runs). The iteration runs on
     the wide orientation (rows <= columns) after scaling G to Frobenius norm 1, so its spectral norm is <= 1:
     X <- a X + (b A + c A^2) X with A = X X^T.
     """
@@ -43,15 +44,15 @@ def newton_schulz(grad: Tensor, ns_coefficients: tuple[float, float, float], ns_
     return x.T if tall else x
 
 
-@contextlib.contextmanager
-def _iteration_in(dtype: torch.dtype) -> Iterator[None]:
-    # torch's step looks the function up in its module at call time; swap it for the duration of one step.
-    original = _torch_muon._zeropower_via_newtonschulz
-    _torch_muon._zeropower_via_newtonschulz = functools.partial(newton_schulz, dtype=dtype)
-    try:
-        yield
-    finally:
-        _torch_muon._zeropower_via_newtonschulz = original
+def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape: torch.Size) -> float:
+    """The learning rate of an A x B matrix under ``torch.optim.Muon``'s ``adjust_lr_fn`` rules: ``None`` or
+    ``"original"``: lr * sqrt(max(1, A / B)); ``"match_rms_adamw"``: lr * 0.2 * sqrt(max(A, B)); else lr."""
+    rows, cols = shape[:2]
+    if adjust_lr_fn is None or adjust_lr_fn == "original":
+        return lr * math.sqrt(max(1, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return lr * 0.2 * math.sqrt(max(rows, cols))
+    return lr
 
 
 class Muon(torch.optim.Muon):
@@ -73,5 +74,34 @@ class Muon(torch.optim.Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        with _iteration_in(self._iteration_dtype()):
-            return super().step(closure)
+        """One step of torch's Muon: per matrix, ``B <- mu B + (1 - mu) G`` (``lerp``), the Nesterov blend
+        ``G + mu (B - G)`` (or ``B``), its Newton–Schulz orthogonalization in :meth:`_iteration_dtype`, decoupled
+        weight decay, and the update at the shape-adjusted lr (:func:`adjusted_lr`)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        dtype = self._iteration_dtype()
+        for group in self.param_groups:
+            lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
+            weight_decay, momentum = group["weight_decay"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if torch.is_complex(p):
+                    raise RuntimeError("Muon does not support complex parameters")
+                grad = p.grad
+                if grad.is_sparse:
+                    raise RuntimeError("Muon does not support sparse gradients")
+                if grad.ndim != 2:
+                    raise ValueError("Param gradient must be a 2D matrix")
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(grad, memory_format=torch.preserve_format)
+                buf = state["momentum_buffer"]
+                buf.lerp_(grad, 1 - momentum)
+                update = grad.lerp(buf, momentum) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"], dtype=dtype)
+                p.mul_(1 - lr * weight_decay)
+                p.add_(update, alpha=-adjusted_lr(lr, group["adjust_lr_fn"], p.shape))
+        return loss

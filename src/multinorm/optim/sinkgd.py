@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -10,11 +12,42 @@ from .base import (Check, ShardedBatch, StatelessMatrixOptimizer, compute_dtype,
                    is_float_in, is_int_at_least, prescale_roots)
 from .distributed import global_abs_max, sinkhorn_square_scalings_sharded
 
-__all__ = ["SinkGD"]
+__all__ = ["SinkGD", "step_path", "compiled_step_available"]
 
 # Entries per block of rows in the CPU path for one large matrix (1 MiB of float32: a block stays in cache
 # between the operations that touch it).
 CACHE_BLOCK = 1 << 18
+
+
+@functools.cache
+def compiled_step_available() -> bool:
+    """Whether numba can be imported (``pip install multinorm[fast]``): the compiled CPU step needs it. Without
+    it, ``fused=True`` falls back to the torch path, which computes the same step to float32 rounding. Asked on
+    the first fused CPU step, so importing the package never imports numba."""
+    try:
+        import numba  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def step_path(group: dict, params: list[Tensor], grads: list[Tensor], cache_block: int = CACHE_BLOCK) -> str:
+    """The one place that picks how a batch of same-shape matrices is stepped (sharded matrices go to
+    :meth:`SinkGD.update_sharded` before this):
+
+    ``"compiled"``  the numba loop of :mod:`multinorm.optim.sinkgd_cpu`: ``fused=True``, CPU, eager mode, float32
+                    contiguous matrices, numba installed;
+    ``"blocked"``   the torch path for one CPU matrix larger than the caches, block of rows by block of rows;
+    ``"batched"``   the torch path over the whole batch (every other case: GPUs, bf16, torch.compile).
+    """
+    if group["fused"] and grads[0].device.type == "cpu" and compiled_step_available():
+        from . import sinkgd_cpu  # numba is imported on the first fused CPU step, not with the package
+
+        if all(sinkgd_cpu.usable(p, g) for p, g in zip(params, grads)):
+            return "compiled"
+    if len(grads) == 1 and grads[0].device.type == "cpu" and grads[0].numel() > cache_block:
+        return "blocked"
+    return "batched"
 
 
 class SinkGD(StatelessMatrixOptimizer):
@@ -67,7 +100,9 @@ class SinkGD(StatelessMatrixOptimizer):
         maximize: ascend the objective, ``W <- W + lr X``, instead of descending (default False).
         fused: on CPU, step each float32 matrix with the compiled loop of :mod:`multinorm.optim.sinkgd_cpu`,
             which reads the gradient once per Sinkhorn iteration and allocates no matrix buffer (default
-            True); False uses torch operations only, as on other devices and under ``torch.compile``.
+            True; it needs numba, ``pip install multinorm[fast]``, and falls back to torch operations without
+            it); False uses torch operations only, as on other devices and under ``torch.compile``. Which path
+            a step takes is decided in one place, :func:`step_path`.
     """
 
     def __init__(self, params, lr: float = 1e-3, iters: int = 5, weight_decay: float = 0.0,
@@ -87,15 +122,16 @@ class SinkGD(StatelessMatrixOptimizer):
         return sr_sinkhorn(grads, group["iters"], group["eps"])
 
     def update_batch(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
-        if group["fused"] and grads[0].device.type == "cpu":
-            from . import sinkgd_cpu  # numba is imported on the first fused CPU step, not with the package
+        """The step of a batch of same-shape matrices, by the path :func:`step_path` picks."""
+        path = step_path(group, params, grads, CACHE_BLOCK)
+        if path == "compiled":
+            from . import sinkgd_cpu
 
-            if all(sinkgd_cpu.usable(p, g) for p, g in zip(params, grads)):
-                sinkgd_cpu.sinkgd_matrix_step(params, grads, group["iters"], group["eps"], group["lr"],
-                                              group["weight_decay"], group["maximize"])
-                return
+            sinkgd_cpu.sinkgd_matrix_step(params, grads, group["iters"], group["eps"], group["lr"],
+                                          group["weight_decay"], group["maximize"])
+            return
         A = self.scratch((len(grads),) + tuple(grads[0].shape), compute_dtype(grads[0].dtype), grads[0].device)
-        if len(grads) == 1 and A.device.type == "cpu" and A.numel() > CACHE_BLOCK:
+        if path == "blocked":
             return self._update_large(group, params[0], grads[0], A[0])
         roots = self.prescaled_copy(grads, A, square=True).unsqueeze(-1)  # A = (q G)^2; bf16 converted once
         r, c = sinkhorn_square_scalings(A, group["iters"], group["eps"])

@@ -36,12 +36,18 @@ from pathlib import Path
 from multinorm.paths import repo_root
 from multinorm.paths import resolve as repo_path
 
-__all__ = ["E2EError", "Deadline", "free_port", "lab_url", "lab_command", "write_lab_settings", "Lab", "check_playground",
-           "main"]
+__all__ = ["E2EError", "Deadline", "free_port", "lab_url", "lab_command", "write_lab_settings", "text_fallbacks", "Lab",
+           "check_playground", "main"]
 
 NOTEBOOK = "00_playground.ipynb"
 FALLBACK_TEXTS = ("HBox(", "VBox(", "Loading widget", "Error displaying widget")
 FAILED_STATUS = ("failed", "not started", "plot stopped", "interrupted")
+
+
+def text_fallbacks(outputs: list[str]) -> list[str]:
+    """The first line of every cell output that shows a widget's text fallback (what a frontend without the
+    widget extension prints, e.g. ``VBox(children=...)``) instead of the widget."""
+    return [t.strip().splitlines()[0] for t in outputs if t.strip() and any(f in t for f in FALLBACK_TEXTS)]
 
 # JupyterLab settings for the test session, by plugin (the files of a user settings folder).
 LAB_SETTINGS = {
@@ -245,8 +251,7 @@ def check_playground(driver, url: str, steps: int, deadline: Deadline, screensho
     deadline.say(f"ran all cells of {NOTEBOOK} ({result.get('kernel')})")
 
     train = _wait(driver, deadline, "the Train button to render", _find(_TRAIN))
-    fallbacks = [t.strip().splitlines()[0] for t in driver.execute_script(_OUTPUT_TEXTS)
-                 if any(f in t for f in FALLBACK_TEXTS)]
+    fallbacks = text_fallbacks(driver.execute_script(_OUTPUT_TEXTS))
     if fallbacks:
         raise E2EError(f"a widget shows its text fallback, not the widget: {fallbacks[0][:120]}")
     deadline.say("the widgets rendered")
