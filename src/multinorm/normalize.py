@@ -58,6 +58,12 @@ __all__ = [
     "unit_max_root",
     "sinkhorn_square_scalings",
     "multi_normalize",
+    # the pieces of the whitening that SWAN's fused step composes (multinorm.optim.swan)
+    "gram",
+    "newton_schulz_z",
+    "nsds_z",
+    "fixed_point_scale",
+    "polar_exact",
 ]
 
 DEFAULT_EPS = 1e-8
@@ -204,7 +210,7 @@ def gradnorm(G: Tensor, center: bool = True, eps: float = DEFAULT_EPS) -> Tensor
 # whitening (polar factor) and the spectral operator
 
 
-def _polar_exact(X: Tensor) -> Tensor:
+def polar_exact(X: Tensor) -> Tensor:
     """U V^T from a thin SVD, dropping singular values at round-off level (pseudo-inverse convention)."""
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(S.dtype).eps
@@ -212,14 +218,14 @@ def _polar_exact(X: Tensor) -> Tensor:
     return (U * keep.unsqueeze(-2)) @ Vh
 
 
-def _gram(X: Tensor) -> tuple[Tensor, Tensor]:
+def gram(X: Tensor) -> tuple[Tensor, Tensor]:
     """Y0 = A / ||A||_F with A = X X^T, and ||A||_F (shape (..., 1, 1), >= tiny)."""
     A = X @ X.mT
     norm = torch.linalg.vector_norm(A, dim=(-2, -1), keepdim=True).clamp_min_(torch.finfo(A.dtype).tiny)
     return A.div_(norm), norm
 
 
-def _fixed_point_scale(beta: float, gram_norm: Tensor) -> Tensor:
+def fixed_point_scale(beta: float, gram_norm: Tensor) -> Tensor:
     # An eigenvalue a of Y0 has z <- beta (3 - a z^2) z with fixed point a z*^2 = 3 - 1/beta, so at the fixed
     # point Z X = sqrt((3 - 1/beta) ||A||_F) U V^T; dividing by it returns the polar factor itself.
     return ((3.0 - 1.0 / beta) * gram_norm).sqrt_()
@@ -230,7 +236,7 @@ def _check_beta(beta: float, fn: str) -> None:
         raise ValueError(f"{fn}: beta must be > 1/3 (otherwise the iteration has no positive fixed point); got {beta}")
 
 
-def _newton_schulz_z(Y: Tensor, steps: int, beta: float) -> Tensor | None:
+def newton_schulz_z(Y: Tensor, steps: int, beta: float) -> Tensor | None:
     """Z of the coupled Newton-Schulz iteration on a normalised Gram matrix Y (None for steps = 0: Z = I)."""
     if steps == 0:
         return None
@@ -248,13 +254,13 @@ def _newton_schulz_z(Y: Tensor, steps: int, beta: float) -> Tensor | None:
 
 def _newton_schulz(X: Tensor, steps: int, beta: float) -> Tensor:
     """Coupled Newton-Schulz on the m x m Gram of X (m <= n), returning ~U V^T."""
-    Y, gram_norm = _gram(X)
-    Z = _newton_schulz_z(Y, steps, beta)
+    Y, gram_norm = gram(X)
+    Z = newton_schulz_z(Y, steps, beta)
     ZX = X.clone() if Z is None else Z @ X
-    return ZX.div_(_fixed_point_scale(beta, gram_norm))
+    return ZX.div_(fixed_point_scale(beta, gram_norm))
 
 
-def _nsds_z(Y: Tensor, steps: int, beta: float, diagonal_z: bool) -> Tensor | None:
+def nsds_z(Y: Tensor, steps: int, beta: float, diagonal_z: bool) -> Tensor | None:
     """NSDS on a normalised Gram matrix Y: the full Z of the last step, or the vector z = diag(Z) with
     ``diagonal_z`` (None for steps = 0: Z = I)."""
     if steps == 0:
@@ -309,7 +315,7 @@ def whiten(G: Tensor, steps: int = 10, beta: float = 0.8, method: str = "newton-
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
-    Q = _polar_exact(X) if method == "exact" else _newton_schulz(X, steps, beta)
+    Q = polar_exact(X) if method == "exact" else _newton_schulz(X, steps, beta)
     if tall:
         Q = Q.mT
     return Q.contiguous().to(G.dtype)
@@ -337,8 +343,8 @@ def whiten_nsds(G: Tensor, steps: int = 2, beta: float = 0.4, diagonal_z: bool =
     tall = X.shape[-2] > X.shape[-1]
     if tall:
         X = X.mT
-    Y, gram_norm = _gram(X)
-    Z = _nsds_z(Y, steps, beta, diagonal_z)
+    Y, gram_norm = gram(X)
+    Z = nsds_z(Y, steps, beta, diagonal_z)
     del Y
     if Z is None:
         ZX = X.clone()
@@ -346,7 +352,7 @@ def whiten_nsds(G: Tensor, steps: int = 2, beta: float = 0.4, diagonal_z: bool =
         ZX = X * Z.unsqueeze(-1)
     else:
         ZX = Z @ X
-    Q = ZX.div_(_fixed_point_scale(beta, gram_norm))
+    Q = ZX.div_(fixed_point_scale(beta, gram_norm))
     if tall:
         Q = Q.mT
     return Q.contiguous().to(G.dtype)

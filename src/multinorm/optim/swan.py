@@ -107,12 +107,12 @@ def _swan_factors(B: Tensor, o: dict) -> tuple[str, Tensor]:
     if not o["whiten"]:
         return "rows", torch.ones(B.shape[:-2] + (1,), dtype=B.dtype, device=B.device)
     if o["whitening"] == "exact":
-        Q = N._polar_exact(Xs)
+        Q = N.polar_exact(Xs)
         return "dense", (Q if left else Q.mT)
-    Y, gram_norm = N._gram(Xs)  # Y = A / ||A||_F with the Gram matrix A = X_s X_s^T
+    Y, gram_norm = N.gram(Xs)  # Y = A / ||A||_F with the Gram matrix A = X_s X_s^T
     steps, beta = o["ns_steps"], o["beta"]
-    Z = N._newton_schulz_z(Y, steps, beta) if o["variant"] == "full" else N._nsds_z(Y, steps, beta, o["diagonal_z"])
-    scale = N._fixed_point_scale(beta, gram_norm).reciprocal_()  # (..., 1, 1): Z X_s * scale ~ U V^T
+    Z = N.newton_schulz_z(Y, steps, beta) if o["variant"] == "full" else N.nsds_z(Y, steps, beta, o["diagonal_z"])
+    scale = N.fixed_point_scale(beta, gram_norm).reciprocal_()  # (..., 1, 1): Z X_s * scale ~ U V^T
     if Z is None:  # no steps: Z = I
         return ("rows" if left else "cols"), scale.squeeze(-1)
     if Z.ndim < Y.ndim:  # Z = Diag(z)
