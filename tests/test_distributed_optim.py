@@ -54,9 +54,7 @@ def _sharded_step(rank, world, name, kw, seed, only=None, replicated=False):
             p = torch.nn.Parameter(distribute_tensor(w, mesh, [Shard(dim)]))
             p.grad = distribute_tensor(g, mesh, [Shard(dim)])
         ps.append(p)
-    opt = _make(name, ps, **kw)
-    if replicated:
-        opt.split_work_over(dist.group.WORLD)
+    opt = _make(name, ps, replica_group=dist.group.WORLD if replicated else None, **kw)
     computed = []
     if hasattr(opt, "_directions"):  # record the matrices this rank whitens
         real = opt._directions

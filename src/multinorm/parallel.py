@@ -124,14 +124,11 @@ class Parallel:
         """The module with the model's own parameter names (inside DDP's wrapper; FSDP2 keeps the names)."""
         return getattr(model, "module", model)
 
-    def prepare_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
-        """Under DDP, let the stateless matrix optimizers split their work: SWAN whitens each matrix on one
-        rank and all-gathers the updates (the others compute every matrix on every rank, as before)."""
-        if self.mode != "ddp":
-            return
-        for child in getattr(optimizer, "optimizers", [optimizer]):
-            if hasattr(child, "split_work_over"):
-                child.split_work_over(dist.group.WORLD)
+    def replica_group(self) -> Any:
+        """The process group whose ranks hold replicas of the model (DDP: all of them), for the optimizers'
+        constructor (``build_optimizer(..., replica_group=...)``: SWAN then whitens each matrix on one rank and
+        all-gathers the updates); None otherwise (one process, or FSDP2, whose shards carry their mesh)."""
+        return dist.group.WORLD if self.mode == "ddp" else None
 
     @contextlib.contextmanager
     def accumulating(self, model: nn.Module, last: bool) -> Iterator[None]:

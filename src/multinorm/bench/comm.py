@@ -126,12 +126,12 @@ def fake_world(world: int, rank: int):
         dist.destroy_process_group()
 
 
-def _make_optimizer(name: str, params: list):
+def _make_optimizer(name: str, params: list, replica_group=None):
     from ..optim import MNGD, SWAN, SinkGD
 
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-3, foreach=True)
-    opt = {"sinkgd": SinkGD, "mngd": MNGD, "swan": SWAN}[name](params, lr=1e-3)
+    opt = {"sinkgd": SinkGD, "mngd": MNGD, "swan": SWAN}[name](params, lr=1e-3, replica_group=replica_group)
     if name == "swan":
         # the whitening needs no collective and is the step's heavy part: the identity stands in for it
         opt._directions = lambda groups, mats: [m.float() for m in mats]
@@ -140,7 +140,7 @@ def _make_optimizer(name: str, params: list):
 
 def simulate_step(name: str, layout: str, shapes: Sequence[tuple[int, int]], mesh) -> CollectiveCounter:
     """One step of optimizer ``name`` on ``shapes`` as this rank of ``mesh`` holds them (``layout`` fsdp:
-    ``Shard(0)`` DTensors; ddp: whole replicas, the work split with ``split_work_over``), counted."""
+    ``Shard(0)`` DTensors; ddp: whole replicas, the work split over the ``replica_group`` given at construction), counted."""
     from torch.distributed.tensor import DTensor, Shard
 
     world, rank = mesh.size(), mesh.get_local_rank()
@@ -156,9 +156,7 @@ def simulate_step(name: str, layout: str, shapes: Sequence[tuple[int, int]], mes
         p = torch.nn.Parameter(w)
         p.grad = g
         params.append(p)
-    opt = _make_optimizer(name, params)
-    if layout == "ddp" and name != "adamw":
-        opt.split_work_over(dist.group.WORLD)
+    opt = _make_optimizer(name, params, dist.group.WORLD if layout == "ddp" else None)
     counter = CollectiveCounter()
     with counter.counting():
         opt.step()

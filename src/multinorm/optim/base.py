@@ -90,12 +90,19 @@ class StatelessMatrixOptimizer(Optimizer):
     :func:`multinorm.optim.build_optimizer`. Gradients are processed in float32 (float64 for float64
     parameters): a low-precision gradient is read once into the fp32 work buffer, and the fp32 update is
     added to the parameter in its own dtype (one rounding).
+    
+    ``replica_group`` (a torch.distributed process group, default None) declares the plain (not sharded)
+    parameters replicas with equal gradients on every rank of that group, as under DistributedDataParallel: a
+    method whose work is worth splitting (SWAN's whitening) then computes each matrix on one rank and shares the
+    updates (every rank must step together). FSDP2-sharded (DTensor) parameters carry their own mesh.
     """
 
-    def __init__(self, params, defaults: dict) -> None:
+    def __init__(self, params, defaults: dict, replica_group: Any = None) -> None:
         self._scratch: dict = {}
         self._scratch_sizes: dict = {}
-        self.replica_group = None
+        # the process group over which the plain parameters are replicas with equal gradients (DDP), given at
+        # construction as dion takes its mesh; None: every rank computes every matrix
+        self.replica_group = replica_group
         # torch's constructor adds each group through add_param_group, which checks the defaults too
         super().__init__(params, defaults)
 
@@ -277,15 +284,8 @@ class StatelessMatrixOptimizer(Optimizer):
             buf.mul_(beta).add_(g)
         return buf
 
-    def split_work_over(self, group: Any) -> None:
-        """Declare the plain (not sharded) parameters replicas on every rank of the process group ``group``
-        with equal gradients, as under DistributedDataParallel: a method whose work is worth splitting
-        (SWAN's whitening) then computes each matrix on one rank and shares the updates (every rank must
-        step together). ``None`` (the default) undoes it."""
-        self.replica_group = group
-
     def update_replicated(self, batches: list[tuple[dict, list[tuple[Tensor, Tensor]]]]) -> None:
-        """The step of the replicated plain parameters after :meth:`split_work_over`. This default computes
+        """The step of the replicated plain parameters when a ``replica_group`` was given. This default computes
         every matrix on every rank (right for methods as cheap as the exchange would be)."""
         for group, items in batches:
             self.update_batch(group, [p for p, _ in items], [g for _, g in items])

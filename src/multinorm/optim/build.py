@@ -35,13 +35,13 @@ from .swan import SWAN
 __all__ = ["OptimizerSpec", "OPTIMIZERS", "build_optimizer"]
 
 Params = list[nn.Parameter]
-Builder = Callable[[Params, Params, float, dict], list[Optimizer]]
+Builder = Callable[[Params, Params, float, dict, Any], list[Optimizer]]
 
 
 @dataclass(frozen=True)
 class OptimizerSpec:
     """A registry entry: a one-line description, the hparams it accepts with their defaults, the
-    builder ``(hidden, rest, lr, hparams) -> [child optimizers]``, whether its step is known to be
+    builder ``(hidden, rest, lr, hparams, replica_group) -> [child optimizers]``, whether its step is known to be
     correct on FSDP2-sharded (DTensor) parameters (``sharded``; tested in tests/test_distributed_optim.py), and
     the install extra its package comes with (``extra``: ``pip install 'multinorm[baselines]'``)."""
 
@@ -67,35 +67,35 @@ def _adamw_rest(rest: Params, lr: float, hp: dict) -> list[Optimizer]:
                               weight_decay=hp["weight_decay"])]
 
 
-def _adamw(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+def _adamw(hidden: Params, rest: Params, lr: float, hp: dict, replica_group: Any = None) -> list[Optimizer]:
     groups = [{"params": hidden, "name": "hidden", "lr": lr}] + ([_rest_group(rest, lr, hp)] if rest else [])
     return [torch.optim.AdamW(groups, betas=tuple(hp["adam_betas"]), eps=hp["adam_eps"],
                               weight_decay=hp["weight_decay"])]
 
 
-def _sgd(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+def _sgd(hidden: Params, rest: Params, lr: float, hp: dict, replica_group: Any = None) -> list[Optimizer]:
     groups = [{"params": hidden, "name": "hidden"}] + ([{"params": rest, "name": "rest"}] if rest else [])
     return [torch.optim.SGD(groups, lr=lr, momentum=hp["momentum"], nesterov=hp["nesterov"],
                             weight_decay=hp["weight_decay"])]
 
 
 def _stateless(cls: type, keys: tuple[str, ...], fixed: Mapping[str, Any] | None = None) -> Builder:
-    def build(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+    def build(hidden: Params, rest: Params, lr: float, hp: dict, replica_group: Any = None) -> list[Optimizer]:
         kwargs = {k: hp[k] for k in keys} | dict(fixed or {})
         opt = cls([{"params": hidden, "name": "hidden"}], lr=hp["scale"] * lr, weight_decay=hp["weight_decay"],
-                  **kwargs)
+                  replica_group=replica_group, **kwargs)
         return [opt] + _adamw_rest(rest, lr, hp)
     return build
 
 
-def _muon(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+def _muon(hidden: Params, rest: Params, lr: float, hp: dict, replica_group: Any = None) -> list[Optimizer]:
     opt = Muon([{"params": hidden, "name": "hidden"}], lr=hp["scale"] * lr, weight_decay=hp["weight_decay"],
                momentum=hp["momentum"], nesterov=hp["nesterov"], ns_steps=hp["ns_steps"],
                adjust_lr_fn=hp["adjust_lr_fn"], ns_dtype=hp["ns_dtype"])
     return [opt] + _adamw_rest(rest, lr, hp)
 
 
-def _galore(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+def _galore(hidden: Params, rest: Params, lr: float, hp: dict, replica_group: Any = None) -> list[Optimizer]:
     from galore_torch import GaLoreAdamW
 
     groups = [{"params": hidden, "name": "hidden", "lr": lr, "rank": hp["rank"],
@@ -105,7 +105,7 @@ def _galore(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer
                         weight_decay=hp["weight_decay"], no_deprecation_warning=True)]
 
 
-def _apollo(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+def _apollo(hidden: Params, rest: Params, lr: float, hp: dict, replica_group: Any = None) -> list[Optimizer]:
     from apollo_torch import APOLLOAdamW
 
     groups = [{"params": hidden, "name": "hidden", "lr": lr, "rank": hp["rank"], "proj": hp["proj"],
@@ -116,7 +116,7 @@ def _apollo(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer
                         weight_decay=hp["weight_decay"], scale_front=hp["scale_front"], disable_nl=hp["disable_nl"])]
 
 
-def _fira(hidden: Params, rest: Params, lr: float, hp: dict) -> list[Optimizer]:
+def _fira(hidden: Params, rest: Params, lr: float, hp: dict, replica_group: Any = None) -> list[Optimizer]:
     from fira import FiraAdamW
 
     groups = [{"params": hidden, "name": "hidden", "lr": lr, "rank": hp["rank"],
@@ -172,12 +172,14 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 def build_optimizer(model: nn.Module, name: str, lr: float, *,
-                    is_hidden: Callable[[str, nn.Parameter], bool] | None = None,
+                    is_hidden: Callable[[str, nn.Parameter], bool] | None = None, replica_group: Any = None,
                     **hparams: Any) -> CombinedOptimizer:
     """One optimizer over all trainable parameters of ``model``: ``name`` on the hidden matrices, AdamW on
     the rest (see the module docstring). ``is_hidden(name, param)`` picks the hidden matrices (default:
     :func:`multinorm.optim.grouping.is_hidden_matrix`, the HF LLaMA projections). Unknown names or hparams
-    raise ValueError listing the valid ones. Every trainable parameter lands in exactly one group (checked)."""
+    raise ValueError listing the valid ones. Every trainable parameter lands in exactly one group (checked).
+    ``replica_group``: under DDP, the process group whose ranks hold replicas of the model; the stateless
+    methods take it at construction to split their work (SWAN whitens each matrix on one rank)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; valid names: {', '.join(OPTIMIZERS)}")
     spec = OPTIMIZERS[name]
@@ -192,7 +194,7 @@ def build_optimizer(model: nn.Module, name: str, lr: float, *,
     hp = {**spec.defaults, **hparams}
     hidden, rest = split_parameters(model, is_hidden_matrix if is_hidden is None else is_hidden)
     try:
-        children = spec.builder([p for _, p in hidden], [p for _, p in rest], lr, hp)
+        children = spec.builder([p for _, p in hidden], [p for _, p in rest], lr, hp, replica_group)
     except ModuleNotFoundError as exc:
         if spec.extra is None:
             raise

@@ -46,11 +46,13 @@ class MNGD(StatelessMatrixOptimizer):
         iters: number L of passes over ``norms`` (default 5).
         weight_decay: decoupled weight decay (default 0).
         maximize: ascend the objective instead of descending (default False).
+        replica_group: the process group whose ranks hold replicas of the plain parameters (DDP; default None).
     """
 
     def __init__(self, params, lr: float = 1e-3, norms: Sequence = ("row", "col"), iters: int = 5,
-                 weight_decay: float = 0.0, *, maximize: bool = False):
-        super().__init__(params, dict(lr=lr, norms=norms, iters=iters, weight_decay=weight_decay, maximize=maximize))
+                 weight_decay: float = 0.0, *, maximize: bool = False, replica_group=None):
+        super().__init__(params, dict(lr=lr, norms=norms, iters=iters, weight_decay=weight_decay, maximize=maximize),
+                         replica_group)
 
     def _prepare_group(self, group: dict) -> None:
         norms = group["norms"]

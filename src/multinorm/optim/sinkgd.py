@@ -103,12 +103,15 @@ class SinkGD(StatelessMatrixOptimizer):
             True; it needs numba, ``pip install multinorm[fast]``, and falls back to torch operations without
             it); False uses torch operations only, as on other devices and under ``torch.compile``. Which path
             a step takes is decided in one place, :func:`step_path`.
+        replica_group: the process group whose ranks hold replicas of the plain parameters (DDP); see
+            :class:`~multinorm.optim.base.StatelessMatrixOptimizer` (default None).
     """
 
     def __init__(self, params, lr: float = 1e-3, iters: int = 5, weight_decay: float = 0.0,
-                 eps: float = DEFAULT_EPS, *, momentum: float = 0.0, maximize: bool = False, fused: bool = True):
+                 eps: float = DEFAULT_EPS, *, momentum: float = 0.0, maximize: bool = False, fused: bool = True,
+                 replica_group=None):
         super().__init__(params, dict(lr=lr, iters=iters, weight_decay=weight_decay, eps=eps, momentum=momentum,
-                                      maximize=maximize, fused=fused))
+                                      maximize=maximize, fused=fused), replica_group)
 
     def _checks(self, group: dict) -> list[Check]:
         return super()._checks(group) + [

@@ -191,6 +191,8 @@ class SWAN(StatelessMatrixOptimizer):
         weight_decay: decoupled weight decay (default 0).
         eps: GradNorm's epsilon (default 1e-8, relative to the unit-RMS gradient).
         maximize: ascend the objective instead of descending (default False).
+        replica_group: the process group whose ranks hold replicas of the plain parameters (DDP): each matrix
+            is then whitened on one rank and the updates shared (default None: every rank whitens every matrix).
     """
 
     def __init__(
@@ -211,13 +213,14 @@ class SWAN(StatelessMatrixOptimizer):
         eps: float = N.DEFAULT_EPS,
         *,
         maximize: bool = False,
+        replica_group=None,
     ):
         default_steps, default_beta = SWAN_VARIANT_DEFAULTS.get(variant, (None, None))
         defaults = dict(lr=lr, ns_steps=default_steps if ns_steps is None else ns_steps,
                         beta=default_beta if beta is None else beta, variant=variant, center=center,
                         rescale=rescale, gradnorm_axis=gradnorm_axis, whitening=whitening, gradnorm=gradnorm,
                         whiten=whiten, diagonal_z=diagonal_z, weight_decay=weight_decay, eps=eps, maximize=maximize)
-        super().__init__(params, defaults)
+        super().__init__(params, defaults, replica_group)
 
     def add_param_group(self, param_group: dict) -> None:
         # a group naming its own variant gets that variant's (ns_steps, beta) unless it names them too

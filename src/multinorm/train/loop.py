@@ -88,10 +88,10 @@ def _train(cfg: TrainConfig, par: Parallel, resume: bool, overwrite: bool) -> Ru
     params = count_parameters(model)
     model = par.wrap(model)
     try:
-        optimizer = build_optimizer(par.unwrap(model), cfg.optimizer, cfg.lr, **cfg.hparams)
+        optimizer = build_optimizer(par.unwrap(model), cfg.optimizer, cfg.lr, replica_group=par.replica_group(),
+                                    **cfg.hparams)
     except (TypeError, ValueError) as exc:
         raise ConfigError(str(exc)) from None
-    par.prepare_optimizer(optimizer)
     steps = cfg.steps
     scheduler = build_scheduler(optimizer, steps, cfg.warmup_frac, cfg.min_lr_ratio)
 
