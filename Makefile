@@ -13,7 +13,7 @@ SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 FIGURE_FLAGS := --scale $(SCALE) $(if $(JOBS),--jobs $(JOBS)) $(if $(RESUME),--resume) $(if $(REUSE),--reuse) $(ARGS)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup test smoke figures lab e2e bench data demo clean
+.PHONY: help setup test smoke figures lab e2e bench gpu data demo clean
 
 help: ## list the targets
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-10s %s\n", $$1, $$2}'
@@ -57,6 +57,9 @@ e2e: $(STAMP) ## open the playground in headless Chromium, check its widgets ren
 bench: $(STAMP) ## benchmark: optimizer steps vs AdamW, floors, nano training, communication -> results/bench/
 	$(PY) -m multinorm.bench --out results/bench
 	$(PY) -m multinorm.bench.comm --out results/bench
+
+gpu: ## on a GPU machine: optimizer steps, training tokens/s and memory at 350M/1B, two-process runs -> results/gpu/
+	PYTHONPATH=src $(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m multinorm.bench.gpu --out results/gpu $(ARGS)
 
 demo: $(STAMP) ## a short training run: nano LLaMA, wiki-sample, AdamW
 	$(PY) -m multinorm.train --model nano --dataset wiki-sample --optimizer adamw --tokens 2000000 --overwrite
