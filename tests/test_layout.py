@@ -109,3 +109,10 @@ def test_the_library_neither_imports_nor_patches_private_torch_modules():
                "setattr(torch, 'y', 2)\n")
     assert private_torch_uses(patched) == ["import torch.optim._muon", "assignment to m._zeropower",
                                            "assignment to torch.optim.x", "setattr(torch, ...)"]
+
+
+def test_the_benchmarks_stand_above_the_studies():
+    """Within the reproduction, `multinorm.bench` uses the studies' statistics and tables; no study imports it."""
+    studies = [p for p in PACKAGE.rglob("*.py") if _module_name(p).startswith("multinorm.studies")]
+    offenders = {_module_name(p): sorted(n for n in _imports(p) if n.startswith("multinorm.bench")) for p in studies}
+    assert not {k: v for k, v in offenders.items() if v}

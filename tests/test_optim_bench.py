@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from multinorm import bench
-from multinorm.bench.targets import bandwidth_bound, evaluate_targets, optimizer_ceiling, summary_markdown
+from multinorm.bench.targets import bandwidth_bound, evaluate_targets, summary_markdown
+from multinorm.studies.convergence import optimizer_ceiling
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

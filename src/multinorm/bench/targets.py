@@ -7,7 +7,7 @@ Training speed at ``nano`` on CPU is judged by two rows: the optimizer phase of 
 part of it an optimizer changes) must take less time than AdamW's, and the 95 % interval of the tokens/s
 ratio must reach 1 (training not measurably slower). Whether the ratio's point estimate lands above 1 is not
 a target: forward, backward and evaluation are ~99 % of that step, so even a free optimizer step moves the
-ratio by about 1 % (:func:`optimizer_ceiling`), less than the noise between rounds, which would decide it.
+ratio by about 1 % (:func:`multinorm.studies.convergence.optimizer_ceiling`), less than the noise between rounds, which would decide it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+
+from ..studies.convergence import optimizer_ceiling
 
 __all__ = ["Target", "TARGETS", "TABLES", "bandwidth_bound", "evaluate_targets", "optimizer_ceiling", "read_tables",
            "summary_markdown"]
@@ -116,25 +118,6 @@ def bandwidth_bound(bandwidth: pd.DataFrame) -> pd.DataFrame:
     adam = bandwidth[bandwidth["method"] == "adamw-foreach"].set_index(keys)["step_ms"]
     joined = pd.concat({"sinkgd_floor_ms": sink, "adamw_foreach_ms": adam}, axis=1).dropna()
     return joined.assign(floor_ratio=joined["sinkgd_floor_ms"] / joined["adamw_foreach_ms"]).reset_index()
-
-
-def optimizer_ceiling(profile: pd.DataFrame, method: str = "sinkgd", baseline: str = "adamw") -> pd.DataFrame:
-    """What the optimizer phase of a training step allows the tokens/s ratio ``method / baseline`` to be, per
-    device and dtype, from the torch.profiler breakdown: ``ceiling`` if ``method``'s step cost nothing
-    (T / (T - opt_baseline)) and ``predicted`` with its measured optimizer phase (T / (T - opt_baseline +
-    opt_method)), T being the baseline's whole step. Forward, backward and evaluation are the same work for
-    both, so any ratio beyond these bounds is noise."""
-    keys = ["model", "device", "dtype"]
-    total = profile.groupby(["optimizer", *keys], sort=False)["ms_per_step"].sum()
-    opt = profile[profile["phase"] == "optimizer"].set_index(["optimizer", *keys])["ms_per_step"]
-    if not {method, baseline} <= set(opt.index.get_level_values(0)):
-        return pd.DataFrame(columns=[*keys, "step_ms", "baseline_optimizer_ms", "method_optimizer_ms", "ceiling",
-                                     "predicted"])
-    frame = pd.concat({"step_ms": total.loc[baseline], "baseline_optimizer_ms": opt.loc[baseline],
-                       "method_optimizer_ms": opt.loc[method]}, axis=1).dropna()
-    rest = frame["step_ms"] - frame["baseline_optimizer_ms"]
-    return frame.assign(ceiling=frame["step_ms"] / rest,
-                        predicted=frame["step_ms"] / (rest + frame["method_optimizer_ms"])).reset_index()
 
 
 def _interval(row) -> str:

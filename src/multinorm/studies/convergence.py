@@ -39,7 +39,7 @@ from multinorm.train import TrainConfig
 __all__ = ["StudyMethod", "ConvergenceStudy", "FRACTIONS", "CLAIMS", "paired_comparisons", "selection_bias",
            "verdict_table", "bench_throughput_ratios", "bench_throughput", "results_table", "verdict_lines",
            "speedup_text", "comparison_table", "speedup_groups", "bench_ceiling", "regime_columns",
-           "regime_text", "run_parameters", "TREND_COLUMNS"]
+           "regime_text", "run_parameters", "TREND_COLUMNS", "optimizer_ceiling"]
 
 FRACTIONS = (0.5, 0.75, 1.0)
 ADAMW_BETA2 = (0.95, 0.999)
@@ -370,13 +370,30 @@ def verdict_table(final: pd.DataFrame, curves: pd.DataFrame, baseline: str,
     return pd.DataFrame(rows)
 
 
+def optimizer_ceiling(profile: pd.DataFrame, method: str = "sinkgd", baseline: str = "adamw") -> pd.DataFrame:
+    """What the optimizer phase of a training step allows the tokens/s ratio ``method / baseline`` to be, per
+    device and dtype, from the torch.profiler breakdown: ``ceiling`` if ``method``'s step cost nothing
+    (T / (T - opt_baseline)) and ``predicted`` with its measured optimizer phase (T / (T - opt_baseline +
+    opt_method)), T being the baseline's whole step. Forward, backward and evaluation are the same work for
+    both, so any ratio beyond these bounds is noise."""
+    keys = ["model", "device", "dtype"]
+    total = profile.groupby(["optimizer", *keys], sort=False)["ms_per_step"].sum()
+    opt = profile[profile["phase"] == "optimizer"].set_index(["optimizer", *keys])["ms_per_step"]
+    if not {method, baseline} <= set(opt.index.get_level_values(0)):
+        return pd.DataFrame(columns=[*keys, "step_ms", "baseline_optimizer_ms", "method_optimizer_ms", "ceiling",
+                                     "predicted"])
+    frame = pd.concat({"step_ms": total.loc[baseline], "baseline_optimizer_ms": opt.loc[baseline],
+                       "method_optimizer_ms": opt.loc[method]}, axis=1).dropna()
+    rest = frame["step_ms"] - frame["baseline_optimizer_ms"]
+    return frame.assign(ceiling=frame["step_ms"] / rest,
+                        predicted=frame["step_ms"] / (rest + frame["method_optimizer_ms"])).reset_index()
+
+
 def bench_ceiling(bench_dir: str | Path, base: TrainConfig, method: str = "sinkgd",
                   baseline: str = "adamw") -> float | None:
     """The largest tokens/s ratio ``method / baseline`` a training step of this regime allows, from ``make bench``'s
-    profile (:func:`multinorm.bench.targets.optimizer_ceiling`: the ratio if ``method``'s optimizer phase cost
-    nothing); None when the benchmark did not profile this regime."""
-    from multinorm.bench.targets import optimizer_ceiling
-
+    profile (:func:`optimizer_ceiling`: the ratio if ``method``'s optimizer phase cost nothing); None when the
+    benchmark did not profile this regime."""
     path = Path(bench_dir) / "train_profile.csv"
     if not path.exists():
         return None
