@@ -22,7 +22,8 @@ from multinorm.optim import MNGD, SWAN, SinkGD, swan_direction
 from multinorm.optim import base
 from multinorm.optim import sinkgd as sinkgd_module
 from multinorm.optim.reference import (SinkGDReference, SWANReference, gradnorm_reference,
-                                      newton_schulz_whiten_reference, sr_sinkhorn_reference, whiten_reference)
+                                      newton_schulz_whiten_reference, nsds_whiten_reference, sr_sinkhorn_reference,
+                                      whiten_reference)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -56,18 +57,7 @@ ref_inverse_sqrt_whiten = whiten_reference
 ref_coupled_newton_schulz = newton_schulz_whiten_reference
 
 
-def ref_nsds(X, steps, beta):
-    """NSDS: inside each Newton-Schulz step Z is replaced by Diag(diag(Z)); output Z X, same scale."""
-    tall = X.shape[0] > X.shape[1]
-    X = X.T if tall else X
-    A = X @ X.T
-    eye = torch.eye(A.shape[0], dtype=A.dtype)
-    Y, Z = A / A.norm(), eye
-    for _ in range(steps):
-        Dz = torch.diag(torch.diag(Z))
-        Y, Z = beta * Y @ torch.diag(3 - torch.diag(Z) * torch.diag(Y)), beta * (3 * eye - Dz @ Y) @ Dz
-    Q = Z @ X / math.sqrt((3 - 1 / beta) * A.norm())
-    return Q.T if tall else Q
+ref_nsds = nsds_whiten_reference
 
 
 def ref_frobenius(X):

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 __all__ = ["sr_sinkhorn_reference", "gradnorm_reference", "whiten_reference", "newton_schulz_whiten_reference",
+           "nsds_whiten_reference",
            "swan_direction_reference", "SinkGDReference", "SWANReference"]
 
 
@@ -67,8 +68,9 @@ def whiten_reference(X: Tensor) -> Tensor:
     return Q.T if tall else Q
 
 
-def newton_schulz_whiten_reference(X: Tensor, steps: int = 10, beta: float = 0.8) -> Tensor:
-    """The coupled Newton-Schulz approximation of (X X^T)^{-1/2} X on the smaller side (module docstring)."""
+def newton_schulz_whiten_reference(X: Tensor, steps: int = 10, beta: float = 0.8, diagonal: bool = False) -> Tensor:
+    """The coupled Newton-Schulz approximation of (X X^T)^{-1/2} X on the smaller side (module docstring). With
+    ``diagonal`` (SWAN's NSDS), Z is replaced by Diag(diag(Z)) inside each step."""
     X = X.double()
     tall = X.shape[0] > X.shape[1]
     X = X.T if tall else X
@@ -76,10 +78,19 @@ def newton_schulz_whiten_reference(X: Tensor, steps: int = 10, beta: float = 0.8
     eye = torch.eye(A.shape[0], dtype=A.dtype)
     Y, Z = A / A.norm(), eye
     for _ in range(steps):
-        T = 3 * eye - Z @ Y
-        Y, Z = beta * Y @ T, beta * T @ Z
+        if diagonal:
+            Dz = torch.diag(torch.diag(Z))
+            Y, Z = beta * Y @ torch.diag(3 - torch.diag(Z) * torch.diag(Y)), beta * (3 * eye - Dz @ Y) @ Dz
+        else:
+            T = 3 * eye - Z @ Y
+            Y, Z = beta * Y @ T, beta * T @ Z
     Q = Z @ X / math.sqrt((3 - 1 / beta) * A.norm())
     return Q.T if tall else Q
+
+
+def nsds_whiten_reference(X: Tensor, steps: int = 2, beta: float = 0.4) -> Tensor:
+    """SWAN's NSDS whitening: Newton-Schulz with Z kept diagonal inside each step."""
+    return newton_schulz_whiten_reference(X, steps, beta, diagonal=True)
 
 
 def swan_direction_reference(G: Tensor, ns_steps: int = 10, beta: float = 0.8, exact: bool = False) -> Tensor:
