@@ -43,3 +43,16 @@ def test_without_a_gpu_it_says_so_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no CUDA device") and "\n" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_a_part_past_its_time_budget_says_what_it_left_out(tmp_path):
+    import dataclasses
+
+    from multinorm.bench.gpu import DRY_PLAN, part_training
+
+    plan = dataclasses.replace(DRY_PLAN, budget_s={"training": 0.0})  # spent before the first run
+    part_training(plan, torch.device("cpu"), tmp_path, lambda msg: None)
+    table = pd.read_csv(tmp_path / "training.csv")
+    assert list(table.optimizer) == ["adamw", "sinkgd", "swan", "galore"]
+    assert table.note.str.startswith("not measured: the part's 0 s were spent").all()
+    assert table.tokens_per_s.isna().all()
