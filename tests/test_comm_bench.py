@@ -1,29 +1,41 @@
-"""The communication benchmark counts what the optimizers' sharded steps issue, in one process."""
+"""The communication benchmark counts what the optimizers' sharded steps issue, one CPU process per rank."""
 
 from __future__ import annotations
 
 import pandas as pd
 import pytest
 
-from multinorm.bench.comm import count_step, formula, model_table, readme_markdown
+from multinorm.bench.comm import count_step, count_steps, formula, model_table, readme_markdown
 
 # uneven row shards at 4 ranks (5 rows: 2 + 2 + 1 + 0, an empty one), and a matrix with fewer rows than ranks
 SHAPES = [(8, 6), (8, 6), (5, 7), (6, 8), (3, 4), (9, 5), (2, 3)]
 
 
-@pytest.mark.parametrize("count", [1, 3, 7])
-def test_sinkgd_step_at_4_ranks_issues_at_most_l_plus_3_collectives(count):
+FORMULA_CASES = [("sinkgd", "fsdp"), ("mngd", "fsdp"), ("swan", "fsdp"), ("swan", "ddp"), ("adamw", "fsdp"),
+                 ("sinkgd", "ddp")]
+GROWTH = [1, 3, 7]
+
+
+@pytest.fixture(scope="module")
+def counted_at_4_ranks() -> dict:
+    """Every job of this module at 4 ranks, counted by one set of 4 rank processes."""
+    jobs = {("formula", name, layout): (name, layout, SHAPES) for name, layout in FORMULA_CASES}
+    jobs |= {("growth", count): ("sinkgd", "fsdp", SHAPES[:count]) for count in GROWTH}
+    return dict(zip(jobs, count_steps(list(jobs.values()), world=4)))
+
+
+@pytest.mark.parametrize("count", GROWTH)
+def test_sinkgd_step_at_4_ranks_issues_at_most_l_plus_3_collectives(count, counted_at_4_ranks):
     """SinkGD with L = 5 on Shard(0) matrices: the number of collectives does not grow with the matrices."""
-    counted = count_step("sinkgd", "fsdp", SHAPES[:count], world=4)
+    counted = counted_at_4_ranks["growth", count]
     assert set(counted) == {"all_reduce"}
     assert 0 < counted["all_reduce"][0] <= 5 + 3
 
 
-@pytest.mark.parametrize("name,layout", [("sinkgd", "fsdp"), ("mngd", "fsdp"), ("swan", "fsdp"), ("swan", "ddp"),
-                                         ("adamw", "fsdp"), ("sinkgd", "ddp")])
-def test_counted_calls_and_bytes_equal_the_formula(name, layout):
-    """The collectives and payloads counted on the fake group equal the closed form (busiest rank)."""
-    counted = count_step(name, layout, SHAPES, world=4)
+@pytest.mark.parametrize("name,layout", FORMULA_CASES)
+def test_counted_calls_and_bytes_equal_the_formula(name, layout, counted_at_4_ranks):
+    """The collectives and payloads counted on 4 rank processes equal the closed form (busiest rank)."""
+    counted = counted_at_4_ranks["formula", name, layout]
     assert counted == formula(name, layout, SHAPES, world=4)
     if name == "sinkgd" and layout == "fsdp":  # L + 2 all-reduces: maxima, totals, L column sums
         assert counted == {"all_reduce": (7, 4 * (2 * len(SHAPES) + 5 * sum(n for _, n in SHAPES)))}

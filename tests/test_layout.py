@@ -111,6 +111,21 @@ def test_the_library_neither_imports_nor_patches_private_torch_modules():
                                            "assignment to torch.optim.x", "setattr(torch, ...)"]
 
 
+def test_no_module_imports_or_patches_a_private_torch_name():
+    """Beyond the library (which patches nothing), the studies and benchmarks import no private torch module
+    and assign no private torch attribute either (the communication count wraps public collectives)."""
+    def private(use: str) -> bool:
+        if use.startswith("import "):
+            return True
+        name = use.removeprefix("assignment to ").split(".")[-1]
+        return name.startswith("_")
+
+    every = {_module_name(p): [u for u in private_torch_uses(p.read_text()) if private(u)]
+             for p in PACKAGE.rglob("*.py")}
+    assert not {k: v for k, v in every.items() if v}
+    assert PACKAGE / "bench" / "measure.py" in set(PACKAGE.rglob("*.py"))
+
+
 def test_the_benchmarks_stand_above_the_studies():
     """Within the reproduction, `multinorm.bench` uses the studies' statistics and tables; no study imports it."""
     studies = [p for p in PACKAGE.rglob("*.py") if _module_name(p).startswith("multinorm.studies")]

@@ -31,7 +31,7 @@ def test_peak_extra_bytes_sees_transient_buffers_only():
         return b.sum()
 
     peak, method = bench.peak_extra_bytes(two_live_buffers, [x], torch.device("cpu"))
-    assert "dispatch" in method
+    assert "function mode" in method
     assert 2 * 256 * 256 * 4 <= peak < 2 * 256 * 256 * 4 + 1024
     peak, _ = bench.peak_extra_bytes(lambda: x.mul_(1.0), [x], torch.device("cpu"))  # in place: nothing new
     assert peak == 0

@@ -211,7 +211,8 @@ def gradnorm(G: Tensor, center: bool = True, eps: float = DEFAULT_EPS) -> Tensor
 
 
 def polar_exact(X: Tensor) -> Tensor:
-    """U V^T from a thin SVD, dropping singular values at round-off level (pseudo-inverse convention)."""
+    """U V^T from a thin SVD, dropping singular values at round-off level (pseudo-inverse convention). The SVD
+    reads its solver status on the host: a call synchronises with the device."""
     U, S, Vh = torch.linalg.svd(X, full_matrices=False)
     tol = S.amax(dim=-1, keepdim=True) * max(X.shape[-2:]) * torch.finfo(S.dtype).eps
     keep = (S > tol).to(U.dtype)

@@ -3,12 +3,12 @@
     python -m multinorm.bench.comm --out results/bench
 
 Beyond the gradient reduction, a stateless optimizer on sharded parameters issues its own collectives
-(:mod:`multinorm.optim.distributed`). This module counts them without GPUs: one process joins PyTorch's
-fake process group (``backend="fake"``: every collective is called and returns at once, moving nothing)
-as each rank in turn, builds the hidden matrices as FSDP2 would hold them (``Shard(0)`` DTensors on a
-1-D mesh) or as DDP replicas, runs one step and records every ``torch.distributed`` collective the step
-calls and its payload (the wrappers return at once, as the fake group would). A ``CommDebugMode`` around
-the step checks that no collective went past the wrappers (DTensor's own, for instance).
+(:mod:`multinorm.optim.distributed`). This module counts them without GPUs: one CPU process per rank
+joins a gloo process group, builds the hidden matrices as FSDP2 would hold them (``Shard(0)`` DTensors
+on a 1-D mesh) or as DDP replicas, runs one step and records every ``torch.distributed`` collective the
+step calls and its payload; the recording wrappers return at once without communicating (every rank
+issues the same calls, so none waits for another). A ``CommDebugMode`` around the step checks that no
+collective went past the wrappers (DTensor's own, for instance).
 
 Payload (``bytes_per_rank``) follows the nccl-tests convention for a collective's size S: the buffer of
 an all-reduce, the gathered output of an all-gather, the larger of the send and receive buffers of an
@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -41,7 +43,7 @@ from ..io import atomic_write
 from ..optim.distributed import assign_owners, shard_sizes
 from .steps import BLOCK_1B_SHAPES
 
-__all__ = ["COLLECTIVES", "CollectiveCounter", "fake_world", "simulate_step", "count_step", "formula",
+__all__ = ["COLLECTIVES", "CollectiveCounter", "simulate_step", "count_steps", "count_step", "formula",
            "communication_table", "model_table", "readme_markdown", "main"]
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_to_all", "all_to_all_single",
@@ -75,9 +77,8 @@ def _bytes(x) -> int:
 
 class CollectiveCounter:
     """Within ``counting()``: every call of a ``torch.distributed`` collective (``COLLECTIVES``) is recorded
-    in ``calls`` as ``(name, input bytes, output bytes)`` and returns without communicating (as on the fake
-    group, which moves nothing; it also rejects some valid calls, such as an all-to-all with an empty send
-    buffer). ``dispatched`` counts the collectives that reached the process group anyway, by another route
+    in ``calls`` as ``(name, input bytes, output bytes)`` and returns without communicating (the step's
+    numbers are then wrong, its calls and payloads are not). ``dispatched`` counts the collectives that reached the process group anyway, by another route
     (DTensor's functional collectives, for instance), as ``CommDebugMode`` sees them."""
 
     def __init__(self) -> None:
@@ -111,19 +112,6 @@ class CollectiveCounter:
             for name, fn in real.items():
                 setattr(dist, name, fn)
             self.dispatched += mode.get_total_counts()
-
-
-@contextlib.contextmanager
-def fake_world(world: int, rank: int):
-    """This process as ``rank`` of ``world`` on the fake process group; yields a 1-D CPU device mesh."""
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group(backend="fake", store=FakeStore(), rank=rank, world_size=world)
-    try:
-        yield init_device_mesh("cpu", (world,))
-    finally:
-        dist.destroy_process_group()
 
 
 def _make_optimizer(name: str, params: list, replica_group=None):
@@ -172,19 +160,52 @@ def _summary(calls: list[tuple[str, int, int]]) -> dict[str, tuple[int, int]]:
     return out
 
 
-def count_step(name: str, layout: str, shapes: Sequence[tuple[int, int]], world: int) -> dict[str, tuple[int, int]]:
-    """{collective: (calls, bytes)} of one step, simulated on every rank: the calls of rank 0 (every rank
-    calls the same collectives) and the bytes of the busiest rank. Raises if a collective escaped the count."""
-    per_rank = []
-    for rank in range(world):
-        with fake_world(world, rank) as mesh:
+Job = tuple[str, str, Sequence[tuple[int, int]]]  # (optimizer, layout, shapes)
+
+
+def _rank_main(rank: int, world: int, rendezvous: str, jobs: list[Job], out: str) -> None:
+    """One rank of :func:`count_steps`: every job's step, counted; the summaries written to ``out<rank>``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        results = []
+        for name, layout, shapes in jobs:
             counter = simulate_step(name, layout, shapes, mesh)
-        if counter.dispatched:
-            raise RuntimeError(f"{name} ({layout}): {counter.dispatched} collectives escaped the count")
-        per_rank.append(_summary(counter.calls))
-    if any(s.keys() != per_rank[0].keys() or any(s[k][0] != per_rank[0][k][0] for k in s) for s in per_rank):
-        raise RuntimeError(f"{name} ({layout}): the ranks issue different collectives: {per_rank}")
-    return {k: (c, max(s[k][1] for s in per_rank)) for k, (c, _) in per_rank[0].items()}
+            results.append({"dispatched": counter.dispatched, "calls": _summary(counter.calls)})
+        Path(f"{out}{rank}").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def count_steps(jobs: Sequence[Job], world: int) -> list[dict[str, tuple[int, int]]]:
+    """{collective: (calls, bytes)} of one step of each job, counted on ``world`` CPU processes (one per
+    rank, spawned once for all the jobs): the calls of rank 0 (every rank calls the same collectives) and
+    the bytes of the busiest rank. Raises if a collective escaped the count or the ranks disagree."""
+    import torch.multiprocessing as mp
+
+    jobs = [(name, layout, [tuple(s) for s in shapes]) for name, layout, shapes in jobs]
+    with tempfile.TemporaryDirectory(prefix="multinorm-comm-") as tmp:
+        mp.spawn(_rank_main, args=(world, f"{tmp}/rendezvous", jobs, f"{tmp}/rank"), nprocs=world, join=True)
+        ranks = [json.loads(Path(f"{tmp}/rank{r}").read_text()) for r in range(world)]
+    counted = []
+    for j, (name, layout, _) in enumerate(jobs):
+        per_rank = []
+        for results in ranks:
+            if results[j]["dispatched"]:
+                raise RuntimeError(f"{name} ({layout}): {results[j]['dispatched']} collectives escaped the count")
+            per_rank.append({k: tuple(v) for k, v in results[j]["calls"].items()})
+        if any(s.keys() != per_rank[0].keys() or any(s[k][0] != per_rank[0][k][0] for k in s) for s in per_rank):
+            raise RuntimeError(f"{name} ({layout}): the ranks issue different collectives: {per_rank}")
+        counted.append({k: (c, max(s[k][1] for s in per_rank)) for k, (c, _) in per_rank[0].items()})
+    return counted
+
+
+def count_step(name: str, layout: str, shapes: Sequence[tuple[int, int]], world: int) -> dict[str, tuple[int, int]]:
+    """:func:`count_steps` of one job."""
+    return count_steps([(name, layout, shapes)], world)[0]
 
 
 def formula(name: str, layout: str, shapes: Sequence[tuple[int, int]], world: int,
@@ -230,14 +251,23 @@ def communication_table(world_sizes: Sequence[int] = WORLD_SIZES, optimizers: Se
                         log=print) -> pd.DataFrame:
     """The rows of ``communication.csv``: counted at the shrunk shapes, checked against :func:`formula`
     there, reported by the formula at the real shapes (a row ``none`` where a step issues nothing)."""
+    settings = _settings()
+    cases = [(setting, layout, world, name, [(m // _shrink(setting, layout), n // _shrink(setting, layout))
+                                             for m, n in shapes])
+             for setting, shapes in settings.items() for layout in LAYOUTS for world in world_sizes
+             for name in optimizers]
+    counts = {}
+    for world in world_sizes:  # one set of rank processes per world size
+        mine = [c for c in cases if c[2] == world]
+        counts.update(zip([c[:4] for c in mine], count_steps([(c[3], c[1], c[4]) for c in mine], world)))
     rows = []
-    for setting, shapes in _settings().items():
+    for setting, shapes in settings.items():
         for layout in LAYOUTS:
             shrink = _shrink(setting, layout)
             small = [(m // shrink, n // shrink) for m, n in shapes]
             for world in world_sizes:
                 for name in optimizers:
-                    counted = count_step(name, layout, small, world)
+                    counted = counts[setting, layout, world, name]
                     if counted != formula(name, layout, small, world):
                         raise RuntimeError(f"{setting} {layout} {world} {name}: counted {counted}, "
                                            f"formula {formula(name, layout, small, world)}")
@@ -287,7 +317,7 @@ def readme_markdown(comm: pd.DataFrame, model: pd.DataFrame) -> str:
              "Collectives each optimizer adds to a step beyond the gradient reduction, for the 168 hidden matrices "
              "of LLaMA-1B in fp32 (`results/bench/communication.csv`, also one 1B block): calls per step and "
              "payload of the busiest rank (all-reduce buffer, all-gather output, larger all-to-all buffer). "
-             "Counted on PyTorch's fake process group, one process playing every rank, at shapes / 16; the bytes "
+             "Counted with one CPU process per rank on a gloo process group, at shapes / 16; the bytes "
              "at the real shapes come from the closed form checked against those counts (and against the counts "
              "of one 1B block under FSDP2 at its real shapes). FSDP2 shards rows (`Shard(0)`); AdamW's sharded "
              "step is elementwise and issues none.", "",

@@ -15,6 +15,7 @@ import platform
 import re
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,9 +24,9 @@ import pandas as pd
 import psutil
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.overrides import TorchFunctionMode
+from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 __all__ = ["interleave", "ratio_summary", "HostSyncCounter", "count_host_syncs", "peak_extra_bytes",
            "memory_bandwidth", "matmul_callable", "environment"]
@@ -64,19 +65,36 @@ def ratio_summary(times: pd.DataFrame, num: str, den: str, scale: float = 1.0) -
 # host syncs and transient memory
 
 
-class HostSyncCounter(TorchDispatchMode):
-    """Counts ``aten._local_scalar_dense`` calls under the mode: the op behind ``.item()``, ``bool(t)``,
-    ``int(t)`` and ``float(t)`` on a tensor, each of which makes the host wait for the device. (Device-to-
-    host copies such as ``t.cpu()`` also wait, but are other ops and are not counted.)"""
+class HostSyncCounter:
+    """Counts ``aten::_local_scalar_dense`` calls under this context manager: the op behind ``.item()``,
+    ``bool(t)``, ``int(t)`` and ``float(t)`` on a tensor, and inside ops that read a value on the host, each
+    of which makes the host wait for the device. (Device-to-host copies such as ``t.cpu()`` also wait, but
+    are other ops and are not counted.) The ops are read from ``torch.profiler``'s record of the block, so
+    a call made inside another op is seen too; counts add up over several ``with`` blocks. ``sources``
+    counts them by the op that made the call (``aten::item`` is skipped: the op above it is named)."""
+
+    SYNC_OP = "aten::_local_scalar_dense"
 
     def __init__(self):
-        super().__init__()
         self.count = 0
+        self.sources: Counter[str] = Counter()
+        self._profiler: profile | None = None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
+    def __enter__(self) -> HostSyncCounter:
+        self._profiler = profile(activities=[ProfilerActivity.CPU])
+        self._profiler.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        prof, self._profiler = self._profiler, None
+        prof.__exit__(*exc)
+        for event in prof.events():
+            if event.name == self.SYNC_OP:
+                parent = event.cpu_parent
+                while parent is not None and parent.name == "aten::item":
+                    parent = parent.cpu_parent
+                self.count += 1
+                self.sources[parent.name if parent is not None else "(top level)"] += 1
 
 
 def count_host_syncs(fn: Callable[[], object]) -> int:
@@ -86,12 +104,25 @@ def count_host_syncs(fn: Callable[[], object]) -> int:
     return counter.count
 
 
-class _AllocationTracker(TorchDispatchMode):
+def _tensor_leaves(obj) -> list[torch.Tensor]:
+    """The tensors in a torch function's result (a tensor, or tuples, lists and dicts of them)."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, Mapping):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensor_leaves(item)]
+    return []
+
+
+class _AllocationTracker(TorchFunctionMode):
     """Peak bytes of tensor storages created under this mode and alive at the same time.
 
-    Every aten op's outputs are inspected; a storage not among ``existing`` (parameters, gradients,
-    optimizer state) is new and counted until it is freed (checked through weak references before each
-    op). Scratch memory that libraries allocate outside torch tensors (LAPACK/BLAS workspaces) is not seen.
+    The result of every torch function and tensor method called under the mode is inspected; a storage
+    not among ``existing`` (parameters, gradients, optimizer state) is new and counted until it is freed
+    (checked through weak references before each call). Not seen: buffers that one torch call allocates
+    and frees inside itself, and scratch memory that libraries allocate outside torch tensors
+    (LAPACK/BLAS workspaces, numba arrays).
     """
 
     def __init__(self, existing: set[int]):
@@ -100,19 +131,18 @@ class _AllocationTracker(TorchDispatchMode):
         self.live: dict[int, tuple[StorageWeakRef, int]] = {}
         self.current = self.peak = 0
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
         for key, (ref, nbytes) in list(self.live.items()):
             if ref.expired():
                 del self.live[key]
                 self.current -= nbytes
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self.existing and key not in self.live:
-                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
+        for t in _tensor_leaves(out):
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key and key not in self.existing and key not in self.live:
+                self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+                self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
         return out
 
@@ -139,8 +169,9 @@ def _tensors_in(obj, seen: set[int] | None = None, depth: int = 0) -> list[torch
 def peak_extra_bytes(fn: Callable[[], object], roots: object, device: torch.device) -> tuple[int, str]:
     """Peak memory that one call of ``fn`` allocates on top of what exists, and how it was measured.
 
-    On CPU a dispatch mode tracks the storages that the call creates until they are freed (torch exposes
-    no CPU allocator statistics, and the process RSS misses buffers that malloc recycles); tensors reachable
+    On CPU a torch function mode tracks the storages that the call's torch operations return until they
+    are freed (torch exposes no CPU allocator statistics, and the process RSS misses buffers that malloc
+    recycles); tensors reachable
     from ``roots`` already exist and are not counted. On CUDA it is ``max_memory_allocated`` over the call
     minus ``memory_allocated`` before it.
     """
@@ -155,7 +186,7 @@ def peak_extra_bytes(fn: Callable[[], object], roots: object, device: torch.devi
     tracker = _AllocationTracker(existing)
     with tracker:
         fn()
-    return tracker.peak, "live torch storages (dispatch mode)"
+    return tracker.peak, "live torch storages (torch function mode)"
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -185,7 +185,8 @@ class SWAN(StatelessMatrixOptimizer):
         rescale: rescale the update to Frobenius norm sqrt(mn) (default True).
         gradnorm_axis: "input" (rows over in_features, default) or "longer" (transpose tall gradients so
             GradNorm acts along the longer dim, where SWAN is a one-pass fixed point).
-        whitening: "newton-schulz" (default) or "exact" (SVD; "full" only).
+        whitening: "newton-schulz" (default) or "exact" (SVD; "full" only; the SVD reads its solver status
+            on the host, so an exact step synchronises with the device, the Newton-Schulz one never).
         gradnorm, whiten: run that stage (ablations; default True).
         diagonal_z: NSDS reading that keeps Z diagonal throughout (default False).
         weight_decay: decoupled weight decay (default 0).
