@@ -321,3 +321,22 @@ def test_fused_and_foreach_adamw_give_the_same_loss_curve():
         curves.append(train(model, opt, 12, batch(size=8)))
     assert curves[0][-1] < 0.9 * curves[0][0]  # it trains
     assert curves[0] == pytest.approx(curves[1], rel=1e-4)
+
+
+def test_adamw_parts_use_the_fused_kernel_where_torch_has_one():
+    """AdamW and the AdamW part of every mixed method run torch's fused kernel on CPU float tensors; a
+    parameter the kernel cannot take (an integer tensor stands in for one) leaves torch's default."""
+    from multinorm.optim import adamw_implementation, describe_optimizer
+
+    model = nano()
+    for name, expected in [("adamw", ["AdamW (fused): hidden, rest"]),
+                           ("sinkgd", ["SinkGD: hidden", "AdamW (fused): rest"]),
+                           ("swan", ["SWAN: hidden", "AdamW (fused): rest"])]:
+        opt = build_optimizer(model, name, 1e-3)
+        assert describe_optimizer(opt) == expected
+        adam = opt.optimizers[-1]
+        assert all(g["fused"] for g in adam.param_groups)
+    assert adamw_implementation([torch.nn.Parameter(torch.ones(2))]) == {"fused": True}
+    assert adamw_implementation([torch.nn.Parameter(torch.ones(2)), torch.ones(2, dtype=torch.int64)]) == {}
+    plain = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))], foreach=True)
+    assert describe_optimizer(plain) == ["AdamW (foreach): 0"]

@@ -106,7 +106,7 @@ def test_slow_methods_are_skipped_or_timed_by_one_step(monkeypatch):
     cpu, fp32 = torch.device("cpu"), torch.float32
 
     def run():
-        return steps.bench_setting("block-1b", cpu, fp32, ["adamw-foreach", "sgd", "swan"], args, None,
+        return steps.bench_setting("block-1b", cpu, fp32, ["adamw-fused", "sgd", "swan"], args, None,
                                    lambda msg: None)
 
     out = run()
@@ -120,7 +120,7 @@ def test_slow_methods_are_skipped_or_timed_by_one_step(monkeypatch):
     one_step = found["sgd"]  # its warm-up step took over 0 s
     assert one_step["rounds"] == 1 and one_step["step_ms"] > 0 and one_step["ratio"] > 0
     assert "warm-up step" in one_step["note"] and one_step["peak_extra_bytes"] is None
-    assert found["adamw-foreach"]["rounds"] == args.rounds  # the reference is always timed in rounds
+    assert found["adamw-fused"]["rounds"] == args.rounds  # the reference is always timed in rounds
 
 
 def test_train_throughput_reports_the_optimizer_phase_per_round():
@@ -156,49 +156,57 @@ def test_train_throughput_reports_the_optimizer_phase_per_round():
 # targets
 
 
-def _tables(sink_ratio=0.4, micro_ratio=0.9, syncs=(0, 0), floor=(1.1, None), tokens_ratio=1.02, phase_ratio=0.8,
-            ratio_high=1.05):
+def _tables(sink_ratio=1.1, micro_ratio=1.3, syncs=(0, 0), floor=(1.1, None), tokens_ratio=1.02, phase_ratio=0.8,
+            ratio_high=1.05, fraction=0.9):
     step = pd.DataFrame([
         {"setting": "block-1b", "device": "cpu", "dtype": "float32", "method": "sinkgd",
-         "baseline": "adamw-foreach", "ratio": sink_ratio, "host_syncs": syncs[0]},
+         "baseline": "adamw-fused", "ratio": sink_ratio, "host_syncs": syncs[0]},
         {"setting": "micro", "device": "cpu", "dtype": "float32", "method": "sinkgd",
-         "baseline": "adamw-foreach", "ratio": micro_ratio, "host_syncs": syncs[1]},
+         "baseline": "adamw-fused", "ratio": micro_ratio, "host_syncs": syncs[1]},
         {"setting": "micro", "device": "cpu", "dtype": "float32", "method": "swan",
-         "baseline": "adamw-foreach", "ratio": 30.0, "host_syncs": 5},
+         "baseline": "adamw-fused", "ratio": 30.0, "host_syncs": 5},
         {"setting": "block-1b", "device": "cuda", "dtype": "bfloat16", "method": "sinkgd",
          "baseline": "adamw-fused", "ratio": float("nan"), "host_syncs": None},
     ])
     floors = pd.DataFrame([{"setting": s, "device": "cpu", "dtype": "float32", "method": "swan", "ratio": r}
                            for s, r in zip(("micro", "block-1b"), floor) if r is not None])
     train = pd.DataFrame([{"model": "nano", "device": "cpu", "dtype": "float32", "optimizer": "sinkgd",
-                           "baseline": "adamw", "tokens_per_s": 5000.0, "ratio": tokens_ratio, "ratio_min": 0.9,
+                           "baseline": "adamw", "baseline_built": "AdamW (fused): hidden, rest",
+                           "tokens_per_s": 5000.0, "ratio": tokens_ratio, "ratio_min": 0.9,
                            "ratio_max": 1.1, "ratio_low": 0.95, "ratio_high": ratio_high, "optimizer_ms": 8.0,
                            "optimizer_ratio": phase_ratio}])
-    return {"optimizer_step": step, "compute_floor": floors, "train_throughput": train}
+    bandwidth = pd.DataFrame([{"setting": "block-1b", "device": "cpu", "dtype": "float32", "method": "sinkgd",
+                               "bytes": 1.6e9, "step_ms": 100.0, "floor_ms": 100.0 * fraction,
+                               "achieved_gbs": 16.0, "machine_gbs": 16.0 / fraction, "fraction": fraction}])
+    # (micro's share not measured)
+    return {"optimizer_step": step, "compute_floor": floors, "train_throughput": train, "bandwidth": bandwidth}
 
 
 def test_targets_status_from_synthetic_tables():
     targets = evaluate_targets(_tables())
     assert list(targets.columns) == ["target", "measured", "threshold", "status"]
-    assert len(targets) == len(bench.TARGETS) == 8
+    assert len(targets) == len(bench.TARGETS) == 10
     status = dict(zip(targets["target"], targets["status"]))
     measured = dict(zip(targets["target"], targets["measured"]))
     names = [t.name for t in bench.TARGETS]
-    assert [status[n] for n in names] == ["met", "not met", "met", "not measured", "met", "met", "met",
-                                          "not measured"]
-    assert measured[names[0]] == 0.4 and math.isnan(measured[names[3]])
-    assert targets["threshold"].tolist()[:2] == ["<= 0.5", "<= 0.8"]
+    assert [status[n] for n in names] == ["met", "not met", "met", "not measured", "met", "not measured", "met",
+                                          "met", "met", "not measured"]
+    assert measured[names[0]] == 1.1 and measured[names[2]] == 0.9 and math.isnan(measured[names[5]])
+    assert targets["threshold"].tolist()[:4] == ["<= 1.2", "<= 1.2", ">= 0.85", ">= 0.85"]
+    assert all("AdamW(fused)" in n for n in names[:2])
 
 
 def test_targets_edges_and_worst_sync_count():
     names = [t.name for t in bench.TARGETS]
-    tables = _tables(sink_ratio=0.5, phase_ratio=1.01, ratio_high=0.99, tokens_ratio=1.2, syncs=(0, 3))
+    tables = _tables(sink_ratio=1.2, phase_ratio=1.01, ratio_high=0.99, tokens_ratio=1.2, syncs=(0, 3),
+                     fraction=0.84)
     status = dict(zip(names, evaluate_targets(tables)["status"]))
     assert status[names[0]] == "met"  # the threshold itself meets "<="
-    assert status[names[4]] == "not met"  # the optimizer phase, not the tokens/s point estimate, decides
-    assert status[names[5]] == "not met"  # an interval wholly below 1: training measurably slower
-    assert status[names[6]] == "not met"  # the largest count over the settings decides
-    assert evaluate_targets(_tables(ratio_high=1.0))["status"][5] == "met"
+    assert status[names[2]] == "not met"  # a bandwidth share below 0.85
+    assert status[names[6]] == "not met"  # the optimizer phase, not the tokens/s point estimate, decides
+    assert status[names[7]] == "not met"  # an interval wholly below 1: training measurably slower
+    assert status[names[8]] == "not met"  # the largest count over the settings decides
+    assert evaluate_targets(_tables(ratio_high=1.0))["status"][7] == "met"
     empty = evaluate_targets({})
     assert (empty["status"] == "not measured").all()
 
@@ -211,7 +219,7 @@ def test_summary_markdown_lists_targets_and_profile():
     text = summary_markdown(tables, evaluate_targets(tables), {"cpu": "Test CPU", "quick": True})
     assert "Test CPU" in text and "Quick run" in text
     assert "| backward | 40.0 ms (40%) | 40.0 ms (40%) |" in text
-    assert text.count("not measured") == 2
+    assert text.count("not measured") == 3
     assert "cpu float32 sinkgd 5,000 (1.020x adamw, 0.900-1.100 [0.950, 1.050]; optimizer 8.0 ms, 0.80x adamw's)" in text
 
 
@@ -231,9 +239,9 @@ def test_optimizer_ceiling_bounds_the_training_ratio_by_the_optimizer_phase():
     assert "What the optimizer allows" not in summary_markdown(_tables(), evaluate_targets(_tables()), {})
 
 
-def test_bandwidth_bound_divides_sinkgds_floor_by_the_adamw_foreach_step():
-    rows = [("block-1b", "adamw-foreach", 400.0, 90.0), ("block-1b", "sinkgd", 340.0, 190.0),
-            ("micro", "adamw-foreach", 20.0, 5.0), ("micro", "sinkgd", 24.0, 12.0), ("micro", "sgd", 3.0, 2.0),
+def test_bandwidth_bound_divides_sinkgds_floor_by_the_adamw_fused_step():
+    rows = [("block-1b", "adamw-fused", 400.0, 90.0), ("block-1b", "adamw-foreach", 900.0, 90.0),
+            ("block-1b", "sinkgd", 340.0, 190.0), ("micro", "adamw-fused", 20.0, 5.0), ("micro", "sinkgd", 24.0, 12.0), ("micro", "sgd", 3.0, 2.0),
             ("small", "sinkgd", 1.0, 0.5)]  # no AdamW row: no bound
     bandwidth = pd.DataFrame([{"setting": s, "device": "cpu", "dtype": "float32", "method": m, "step_ms": t,
                                "floor_ms": f} for s, m, t, f in rows])
@@ -282,21 +290,22 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     step = tables["optimizer_step"]
     cpu = step[step["device"] == "cpu"]
     assert set(cpu["setting"]) == {"block-1b", "micro"}
-    assert {"adamw-foreach", "sinkgd", "swan"} <= set(cpu["method"])
-    assert (cpu["baseline"] == "adamw-foreach").all()
+    assert {"adamw-fused", "adamw-foreach", "sinkgd", "swan"} <= set(cpu["method"])
+    assert (cpu["baseline"] == "adamw-fused").all()
     assert (cpu["ratio_min"] <= cpu["ratio"]).all() and (cpu["ratio"] <= cpu["ratio_max"]).all()
-    assert (cpu.loc[cpu["method"] == "adamw-foreach", "ratio"] == 1).all()
+    assert (cpu.loc[cpu["method"] == "adamw-fused", "ratio"] == 1).all()
     assert (cpu.loc[cpu["method"] == "sinkgd", "state_bytes"] == 0).all()
     assert (cpu["host_syncs"] >= 0).all()
     if not torch.cuda.is_available():
         assert (step.loc[step["device"] == "cuda", "note"] == "not measured: no CUDA device").all()
     assert set(tables["compute_floor"]["method"]) == {"swan"}
-    assert {"adamw-foreach", "sgd", "sinkgd"} <= set(tables["bandwidth"]["method"])
+    assert {"adamw-fused", "adamw-foreach", "sgd", "sinkgd"} <= set(tables["bandwidth"]["method"])
     assert set(tables["train_throughput"]["optimizer"]) >= {"adamw", "sinkgd"}
+    assert (tables["train_throughput"]["baseline_built"] == "AdamW (fused): hidden, rest").all()
     for _, frame in tables["train_profile"].groupby("optimizer"):
         assert set(frame["phase"]) == {"data", "forward", "backward", "optimizer", "evaluation", "other"}
         assert frame["fraction"].sum() == pytest.approx(1.0, abs=1e-4)  # the CSV keeps 6 digits
-    assert len(targets) == 8 and set(targets["status"]) <= {"met", "not met", "not measured"}
+    assert len(targets) == len(bench.TARGETS) and set(targets["status"]) <= {"met", "not met", "not measured"}
     if not torch.cuda.is_available():
         assert targets["status"].iloc[-1] == "not measured"
     assert (tmp_path / "environment.json").exists() and "Targets" in (tmp_path / "readme_bench.md").read_text()
@@ -313,7 +322,7 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     bench.main(["--quick", "--out", str(tmp_path), "--methods", "sgd", "--settings", "micro", "--skip-train"])
     partial = pd.read_csv(tmp_path / "optimizer_step.csv")
     assert partial[["setting", "device", "dtype", "method"]].equals(step[["setting", "device", "dtype", "method"]])
-    kept = (partial.setting == "block-1b") | ~partial.method.isin(["sgd", "adamw-foreach"])
+    kept = (partial.setting == "block-1b") | ~partial.method.isin(["sgd", "adamw-fused"])
     pd.testing.assert_frame_equal(partial[kept], step[kept])
     assert not partial[~kept].equals(step[~kept])  # sgd and the reference on micro were timed again
     # a table that nothing timed now adds to (SWAN's compute floor) is kept, not emptied

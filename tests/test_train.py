@@ -139,6 +139,7 @@ def test_run_record_holds_config_metrics_and_summary(tmp_path):
     record = json.loads((run_dir / "config.json").read_text())
     assert record["config"]["optimizer"] == "adamw" and record["steps"] == 12
     assert record["torch_version"] and "git_commit" in record
+    assert record["optimizers"] == ["AdamW (fused): hidden, rest"]  # torch's fused kernel, on CPU too
     rows = read_metrics(run_dir)
     assert [r["step"] for r in rows] == [0, 2, 4, 6, 8, 10, 12]
     for key in ("tokens", "train_loss", "val_loss", "val_ppl", "lr", "tokens_per_s", "wall_s",

@@ -11,7 +11,7 @@ and the ratio reported is the median of the per-round ratios, with its min and m
 
 * ``optimizer_step.csv`` -- per setting (``block-1b``: one LLaMA-1B block's 7 hidden matrices; ``micro``:
   the micro model's hidden matrices; on CUDA also every hidden matrix of 350M and 1B) and method: step
-  time, ratio to AdamW (foreach on CPU, fused on CUDA), optimizer-state bytes, peak transient memory of
+  time, ratio to AdamW (fused: torch's fastest), optimizer-state bytes, peak transient memory of
   one step, host syncs during one step (``aten._local_scalar_dense`` calls);
 * ``compute_floor.csv`` -- SWAN's step against its compute floor: the matmul FLOPs of its whitening
   divided by the fp32 matmul rate of this machine, measured in the same rounds on a square matmul of

@@ -90,7 +90,7 @@ def _write(rows: list[dict], columns: list[str], path: Path) -> None:
 
 
 def part_steps(plan: Plan, device: torch.device, out: Path, log) -> None:
-    """Part a: optimizer steps against AdamW(fused) (foreach on the CPU dry run), with bandwidth fractions."""
+    """Part a: optimizer steps against AdamW(fused), with bandwidth fractions."""
     name = _device_name(device)
     bw = memory_bandwidth(device, plan.bandwidth_mib * 2**20, torch.get_num_threads(), 0.05)
     _write([{"device": device.type, "device_name": name, "stream": k, "gbs": v / 1e9} for k, v in bw.items()],
@@ -99,8 +99,6 @@ def part_steps(plan: Plan, device: torch.device, out: Path, log) -> None:
     args = SimpleNamespace(quick=plan.quick_shapes, max_step=15.0, rounds=plan.rounds, slow_rounds=2, slow_step=1.0,
                            min_run_time=0.05)
     methods = [m for m in STEP_METHODS if device.type == "cuda" or not m.endswith("+compile")]
-    if device.type == "cpu":  # the CPU's reference is AdamW(foreach): it heads the list, as bench_setting wants
-        methods = ["adamw-foreach"] + [m for m in methods if m != "adamw-foreach"]
     steps, bandwidth = [], []
     start, budget = time.perf_counter(), (plan.budget_s or {}).get("steps", float("inf"))
     for dtype in plan.step_dtypes:

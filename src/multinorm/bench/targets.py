@@ -3,8 +3,9 @@
 Targets are reported, never enforced: a target that is not met, or not measured on this machine (e.g.
 the GPU row without CUDA), is a line in ``targets.csv``, not a failed run.
 
-Training speed at ``nano`` on CPU is judged by two rows: the optimizer phase of a training step (the only
-part of it an optimizer changes) must take less time than AdamW's, and the 95 % interval of the tokens/s
+The reference AdamW is torch's fused kernel, in the step rows and in training (where ``build_optimizer``
+picks it). Training speed at ``nano`` on CPU is judged by two rows: the optimizer phase of a training step
+(the only part of it an optimizer changes) must take less time than AdamW's, and the 95 % interval of the tokens/s
 ratio must reach 1 (training not measurably slower). Whether the ratio's point estimate lands above 1 is not
 a target: forward, backward and evaluation are ~99 % of that step, so even a free optimizer step moves the
 ratio by about 1 % (:func:`multinorm.studies.convergence.optimizer_ceiling`), less than the noise between rounds, which would decide it.
@@ -44,12 +45,18 @@ class Target:
 
 
 _CPU = {"device": "cpu", "dtype": "float32"}
-_NANO_SINKGD = {"model": "nano", "device": "cpu", "optimizer": "sinkgd", "baseline": "adamw"}
+# against torch's fused AdamW (rows measured before the trainer used it carry no baseline_built: not measured)
+_NANO_SINKGD = {"model": "nano", "device": "cpu", "optimizer": "sinkgd", "baseline": "adamw",
+                "baseline_built": "AdamW (fused): hidden, rest"}
 TARGETS = (
-    Target("SinkGD step / AdamW(foreach) step, 1b block, CPU fp32", "optimizer_step",
-           {"setting": "block-1b", **_CPU, "method": "sinkgd", "baseline": "adamw-foreach"}, "ratio", "<=", 0.50),
-    Target("SinkGD step / AdamW(foreach) step, micro hidden matrices, CPU fp32", "optimizer_step",
-           {"setting": "micro", **_CPU, "method": "sinkgd", "baseline": "adamw-foreach"}, "ratio", "<=", 0.80),
+    Target("SinkGD step / AdamW(fused) step, 1b block, CPU fp32", "optimizer_step",
+           {"setting": "block-1b", **_CPU, "method": "sinkgd", "baseline": "adamw-fused"}, "ratio", "<=", 1.2),
+    Target("SinkGD step / AdamW(fused) step, micro hidden matrices, CPU fp32", "optimizer_step",
+           {"setting": "micro", **_CPU, "method": "sinkgd", "baseline": "adamw-fused"}, "ratio", "<=", 1.2),
+    Target("SinkGD step's share of the machine's memory bandwidth, 1b block, CPU fp32", "bandwidth",
+           {"setting": "block-1b", **_CPU, "method": "sinkgd"}, "fraction", ">=", 0.85),
+    Target("SinkGD step's share of the machine's memory bandwidth, micro hidden matrices, CPU fp32", "bandwidth",
+           {"setting": "micro", **_CPU, "method": "sinkgd"}, "fraction", ">=", 0.85),
     Target("SWAN step / its compute floor, micro hidden matrices, CPU fp32", "compute_floor",
            {"setting": "micro", **_CPU, "method": "swan"}, "ratio", "<=", 1.3),
     Target("SWAN step / its compute floor, 1b block, CPU fp32", "compute_floor",
@@ -112,12 +119,12 @@ def _fmt(value, spec: str) -> str:
 
 def bandwidth_bound(bandwidth: pd.DataFrame) -> pd.DataFrame:
     """Per setting, SinkGD's bandwidth floor (its bytes at the machine's measured bandwidth) divided by the
-    measured AdamW(foreach) step: the lowest step ratio the SinkGD step's memory traffic permits."""
+    measured AdamW(fused) step: the lowest step ratio the SinkGD step's memory traffic permits."""
     keys = ["setting", "device", "dtype"]
     sink = bandwidth[bandwidth["method"] == "sinkgd"].set_index(keys)["floor_ms"]
-    adam = bandwidth[bandwidth["method"] == "adamw-foreach"].set_index(keys)["step_ms"]
-    joined = pd.concat({"sinkgd_floor_ms": sink, "adamw_foreach_ms": adam}, axis=1).dropna()
-    return joined.assign(floor_ratio=joined["sinkgd_floor_ms"] / joined["adamw_foreach_ms"]).reset_index()
+    adam = bandwidth[bandwidth["method"] == "adamw-fused"].set_index(keys)["step_ms"]
+    joined = pd.concat({"sinkgd_floor_ms": sink, "adamw_fused_ms": adam}, axis=1).dropna()
+    return joined.assign(floor_ratio=joined["sinkgd_floor_ms"] / joined["adamw_fused_ms"]).reset_index()
 
 
 def _interval(row) -> str:
@@ -169,7 +176,7 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
         bound = bandwidth_bound(bandwidth)
         if not bound.empty:
             parts = [f"{r.setting} {r.device} {r.dtype}: {r.floor_ratio:.2f}" for r in bound.itertuples()]
-            lines += ["**What the bytes allow.** SinkGD's floor as a fraction of the AdamW(foreach) step ("
+            lines += ["**What the bytes allow.** SinkGD's floor as a fraction of the AdamW(fused) step ("
                       + "; ".join(parts) + "): the fewest bytes SinkGD can move (one read of the gradient per "
                       "SR-Sinkhorn iteration, as its fused CPU loop does; bandwidth.csv), at the machine's bandwidth. "
                       "No implementation brings the step ratio below it; the step's `fraction` says how close this "

@@ -24,7 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from ..llama import build_model
-from ..optim import build_optimizer
+from ..optim import build_optimizer, describe_optimizer
 from ..studies.stats import ratio_ci
 from .measure import interleave, ratio_summary
 
@@ -36,7 +36,8 @@ LABEL = "bench:"  # prefix of the profiler ranges, so no other range shares thei
 THROUGHPUT_COLUMNS = ["model", "device", "dtype", "threads", "vocab_size", "batch_size", "seq_len", "optimizer",
                       "baseline", "rounds", "step_ms", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
                       "ratio", "ratio_min", "ratio_max", "ratio_low", "ratio_high", "optimizer_ms",
-                      "optimizer_ratio", "optimizer_ratio_min", "optimizer_ratio_max", "note"]
+                      "optimizer_ratio", "optimizer_ratio_min", "optimizer_ratio_max", "built", "baseline_built",
+                      "note"]
 PROFILE_COLUMNS = ["model", "device", "dtype", "threads", "vocab_size", "batch_size", "seq_len", "optimizer",
                    "phase", "ms_per_step", "fraction", "steps_profiled"]
 
@@ -64,6 +65,7 @@ class Loop:
     step: Callable[[], None]
     evaluate: Callable[[], None]
     optimizer_seconds: list[float] = field(default_factory=list)
+    built: str = ""  # what build_optimizer made, e.g. "SinkGD: hidden; AdamW (fused): rest"
 
 
 def _sync(device: torch.device) -> None:
@@ -109,7 +111,7 @@ def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch
                     model(input_ids=ids.to(device), labels=labels.to(device)).loss.float().item()
                 model.train()
 
-        loops.append(Loop(name, step, evaluate, phase_seconds))
+        loops.append(Loop(name, step, evaluate, phase_seconds, "; ".join(describe_optimizer(opt))))
     return loops
 
 
@@ -139,6 +141,7 @@ def train_throughput(loops: Sequence[Loop], setup: TrainSetup, device: torch.dev
     wide = times.pivot(index="round", columns="name", values="seconds")
     phase_times = times.drop(columns="seconds").rename(columns={"optimizer_seconds": "seconds"})
     phases = phase_times.pivot(index="round", columns="name", values="seconds")
+    built = {loop.optimizer: loop.built for loop in loops}
     rows = []
     for loop in loops:
         s = wide[loop.optimizer]
@@ -146,7 +149,8 @@ def train_throughput(loops: Sequence[Loop], setup: TrainSetup, device: torch.dev
         row = {**_common(setup, device, dtype), "optimizer": loop.optimizer, "baseline": baseline, "rounds": rounds,
                "step_ms": float(s.median() * 1e3), "tokens_per_s": float(rate.median()),
                "tokens_per_s_min": float(rate.min()), "tokens_per_s_max": float(rate.max()),
-               "optimizer_ms": float(phases[loop.optimizer].median() * 1e3), "note": ""}
+               "optimizer_ms": float(phases[loop.optimizer].median() * 1e3), "built": loop.built,
+               "baseline_built": built.get(baseline, ""), "note": ""}
         if baseline in wide:
             # tokens/s ratio = baseline step time / this step time, within each round
             row.update(ratio_summary(times, baseline, loop.optimizer))

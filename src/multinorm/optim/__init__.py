@@ -7,7 +7,7 @@
 """
 
 from .base import StatelessMatrixOptimizer
-from .build import OPTIMIZERS, OptimizerSpec, build_optimizer
+from .build import OPTIMIZERS, OptimizerSpec, adamw_implementation, build_optimizer, describe_optimizer
 from .combined import CombinedOptimizer, optimizer_state_bytes
 from .grouping import HIDDEN_MATRIX_NAMES, is_hidden_matrix, split_parameters
 from .mngd import MNGD
@@ -25,6 +25,8 @@ __all__ = [
     "OptimizerSpec",
     "OPTIMIZERS",
     "build_optimizer",
+    "adamw_implementation",
+    "describe_optimizer",
     "split_parameters",
     "is_hidden_matrix",
     "HIDDEN_MATRIX_NAMES",

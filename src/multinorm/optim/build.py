@@ -11,7 +11,11 @@ Hyperparameters common to the methods that pair with AdamW: ``adam_lr`` (default
 benchmark scripts use), ``weight_decay`` (0.0, decoupled, applied to both groups). ``scale`` multiplies the
 hidden group's update: the stateless methods and Muon run that group at ``scale * lr`` (the papers' "lr
 0.02, alpha 0.05" is ``lr=0.02, scale=0.05``), GaLore/APOLLO/Fira pass it as their own scale/alpha.
-Baselines (Muon, GaLore, APOLLO, Fira) come from torch and their packages; they are not re-implemented (Muon only
+AdamW is torch's, with its fused kernel (``fused=True``) wherever torch has one for every parameter it
+gets (floating-point tensors on CPU or CUDA; not DTensors, whose FSDP2 shards fall back to torch's default
+multi-tensor path): the same update, to float rounding, in fewer passes over memory
+(:func:`adamw_implementation`; ``describe_optimizer`` names what was built, and ``python -m
+multinorm.train`` records it in ``config.json``). Baselines (Muon, GaLore, APOLLO, Fira) come from torch and their packages; they are not re-implemented (Muon only
 chooses the precision of torch's Newton-Schulz iteration, :mod:`multinorm.optim.muon`).
 """
 
@@ -32,7 +36,7 @@ from .muon import Muon
 from .sinkgd import SinkGD
 from .swan import SWAN
 
-__all__ = ["OptimizerSpec", "OPTIMIZERS", "build_optimizer"]
+__all__ = ["OptimizerSpec", "OPTIMIZERS", "build_optimizer", "adamw_implementation", "describe_optimizer"]
 
 Params = list[nn.Parameter]
 Builder = Callable[[Params, Params, float, dict, Any], list[Optimizer]]
@@ -56,6 +60,34 @@ _ADAM = {"adam_lr": None, "adam_betas": (0.9, 0.999), "adam_eps": 1e-8, "weight_
 _ADAM_PKG = {**_ADAM, "adam_eps": 1e-6}
 
 
+FUSED_ADAMW_DEVICES = ("cpu", "cuda")  # where torch >= 2.4 ships a fused AdamW kernel
+
+
+def adamw_implementation(params: Params) -> dict[str, bool]:
+    """AdamW's keyword for ``params``: ``{"fused": True}`` when torch's fused kernel can step every one of
+    them (plain floating-point tensors on a device in ``FUSED_ADAMW_DEVICES``), else ``{}``: torch's
+    default, its multi-tensor (foreach) path where it applies (DTensors, for instance)."""
+    plain = all(type(p.data) is torch.Tensor for p in params)
+    if plain and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() for p in params):
+        return {"fused": True}
+    return {}
+
+
+def describe_optimizer(optimizer: Optimizer) -> list[str]:
+    """One line per child optimizer: its class, AdamW's implementation, and the groups it steps, e.g.
+    ``["SinkGD: hidden", "AdamW (fused): rest"]``."""
+    children = optimizer.optimizers if isinstance(optimizer, CombinedOptimizer) else [optimizer]
+    lines = []
+    for opt in children:
+        name = type(opt).__name__
+        if isinstance(opt, torch.optim.AdamW):  # as its groups run (a resumed state keeps its own)
+            group = opt.param_groups[0]
+            name += " (fused)" if group.get("fused") else " (foreach)" if group.get("foreach") else " (torch default)"
+        groups = ", ".join(str(g.get("name", i)) for i, g in enumerate(opt.param_groups))
+        lines.append(f"{name}: {groups}")
+    return lines
+
+
 def _rest_group(rest: Params, lr: float, hp: dict) -> dict:
     return {"params": rest, "name": "rest", "lr": lr if hp["adam_lr"] is None else hp["adam_lr"]}
 
@@ -64,13 +96,13 @@ def _adamw_rest(rest: Params, lr: float, hp: dict) -> list[Optimizer]:
     if not rest:
         return []
     return [torch.optim.AdamW([_rest_group(rest, lr, hp)], betas=tuple(hp["adam_betas"]), eps=hp["adam_eps"],
-                              weight_decay=hp["weight_decay"])]
+                              weight_decay=hp["weight_decay"], **adamw_implementation(rest))]
 
 
 def _adamw(hidden: Params, rest: Params, lr: float, hp: dict, replica_group: Any = None) -> list[Optimizer]:
     groups = [{"params": hidden, "name": "hidden", "lr": lr}] + ([_rest_group(rest, lr, hp)] if rest else [])
     return [torch.optim.AdamW(groups, betas=tuple(hp["adam_betas"]), eps=hp["adam_eps"],
-                              weight_decay=hp["weight_decay"])]
+                              weight_decay=hp["weight_decay"], **adamw_implementation(hidden + rest))]
 
 
 def _sgd(hidden: Params, rest: Params, lr: float, hp: dict, replica_group: Any = None) -> list[Optimizer]:

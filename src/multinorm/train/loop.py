@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from multinorm.data import load_data
 from multinorm.io import atomic_write
 from multinorm.llama import build_model, count_parameters
-from multinorm.optim import build_optimizer
+from multinorm.optim import build_optimizer, describe_optimizer
 from multinorm.parallel import Parallel
 
 from .checkpoint import read_checkpoint, remove_sharded, restore, save_sharded, save_single
@@ -114,7 +114,8 @@ def _train(cfg: TrainConfig, par: Parallel, resume: bool, overwrite: bool) -> Ru
         par.on_main(lambda: atomic_write(metrics_path, "".join(json.dumps(m) + "\n" for m in kept)))
     else:
         record = run_record(cfg, steps, data.vocab_size, params, device,
-                            {"parallel": par.mode, "processes": par.world} if par.distributed else {})
+                            {"parallel": par.mode, "processes": par.world} if par.distributed else {},
+                            describe_optimizer(optimizer))
 
         def write_record() -> None:
             (run_dir / "config.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -89,13 +89,14 @@ def metrics_row(step: int, tokens: int, train_loss: float | None, val_loss: floa
 
 
 def run_record(cfg: TrainConfig, steps: int, vocab_size: int, parameters: dict[str, int], device: torch.device,
-               processes: dict[str, Any]) -> dict[str, Any]:
+               processes: dict[str, Any], optimizers: list[str]) -> dict[str, Any]:
     """``config.json``: every setting to re-run the run, and what it ran on (package version, git commit, torch,
-    device, threads; ``processes`` adds the parallel layout of a run on several processes)."""
+    device, threads; ``processes`` adds the parallel layout of a run on several processes; ``optimizers`` the
+    optimizer built, one line per part, with AdamW's implementation, from ``describe_optimizer``)."""
     return {
         "config": config_dict(cfg),
         "steps": steps, "tokens_per_step": cfg.tokens_per_step, "vocab_size": vocab_size,
-        "parameters": parameters, "multinorm_version": __version__, "git_commit": git_commit(),
+        "parameters": parameters, "optimizers": optimizers, "multinorm_version": __version__, "git_commit": git_commit(),
         "torch_version": torch.__version__, "python": sys.version.split()[0],
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
