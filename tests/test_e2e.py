@@ -5,7 +5,8 @@ import socket
 import sys
 import urllib.parse
 
-from multinorm.studies.e2e import free_port, lab_command, lab_url, text_fallbacks, trained_steps, write_lab_settings
+from multinorm.studies.e2e import (free_port, lab_command, lab_url, text_fallbacks, trained_steps, wall_time_line,
+                                   write_lab_settings)
 
 
 def test_free_port_can_be_bound():
@@ -54,3 +55,10 @@ def test_a_widget_shown_as_its_text_fallback_is_caught():
     assert text_fallbacks(["Train", "a rendered plot"]) == []
 
 
+
+
+def test_wall_time_line_judges_the_default_run_against_the_promise():
+    assert wall_time_line(64, 31.4, 52.0, 64) == ("playground run: 31 s for 64 steps (Train to completed); whole check "
+                                                 "52 s; within the 60 s promised for the default run on 2 idle cores")
+    assert wall_time_line(64, 121.0, 150.0, 64).endswith("over the 60 s promised for the default run on 2 idle cores")
+    assert wall_time_line(16, 10.0, 30.0, 64).endswith("whole check 30 s")  # not the default run: no verdict
