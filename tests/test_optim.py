@@ -539,6 +539,23 @@ def test_fused_cpu_step_of_a_batch_equals_its_matrices_stepped_alone():
         assert torch.equal(a.detach(), b.detach())
 
 
+@pytest.mark.parametrize("threads", [2, 3, 16])
+def test_fused_cpu_step_gives_the_same_bits_at_any_thread_count(threads):
+    """A batch split over threads (each stepping whole matrices with its own work vectors) gives bit for bit
+    what one thread gives, the edge cases included; more threads than matrices is fine."""
+    from multinorm.optim import sinkgd_cpu
+
+    grads = [G for G in _edge_gradients().values() if G.shape == (40, 56)]
+    results = []
+    for t in (1, threads):
+        params = [torch.linspace(-1, 1, G.numel()).reshape(G.shape) for G in grads]
+        sinkgd_cpu.sinkgd_matrix_step(params, [G.clone() for G in grads], 5, 1e-8, 0.01, 0.1, False, threads=t)
+        results.append(params)
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert not torch.equal(results[0][0], torch.linspace(-1, 1, 40 * 56).reshape(40, 56))  # it stepped
+
+
 def test_fused_cpu_step_propagates_a_nan_gradient():
     W = torch.nn.Parameter(torch.ones(8, 12))
     W.grad = torch.randn(8, 12)
@@ -681,3 +698,29 @@ def test_training_with_the_fast_optimizer_follows_the_paper_literal_one(fast, re
             opt.step()
         for a, b in zip(nets[0].parameters(), nets[1].parameters()):
             torch.testing.assert_close(a.double(), b, rtol=0, atol=1e-4)
+
+
+def test_fused_cpu_step_in_a_forked_child_starts_its_own_threads():
+    """The helper threads of a parent do not exist in a forked child: its threaded step must not wait on them."""
+    import multiprocessing
+
+    from multinorm.optim import sinkgd_cpu
+
+    def step(threads):
+        W, G = torch.zeros(4, 8, 8), torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
+        sinkgd_cpu.sinkgd_matrix_step(list(W), list(G), 5, 1e-8, 0.01, 0.0, False, threads=threads)
+        return W
+
+    parent = step(2)  # the parent's pool now exists
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        child = pool.apply_async(_threaded_step_in_child).get(timeout=60)
+    assert torch.equal(torch.from_numpy(child), parent)
+
+
+def _threaded_step_in_child():
+    from multinorm.optim import sinkgd_cpu
+
+    W, G = torch.zeros(4, 8, 8), torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sinkgd_cpu.sinkgd_matrix_step(list(W), list(G), 5, 1e-8, 0.01, 0.0, False, threads=2)
+    return W.numpy()

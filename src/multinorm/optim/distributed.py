@@ -11,6 +11,8 @@ including empty ones.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,9 +55,14 @@ def shard_sizes(size: int, world: int) -> list[int]:
     return [max(0, min(chunk, size - rank * chunk)) for rank in range(world)]
 
 
+@functools.cache
+def _dtensor_class() -> type:
+    from torch.distributed.tensor import DTensor  # imported on first use, not with the package
+    return DTensor
+
+
 def _is_dtensor(t: Tensor) -> bool:
-    from torch.distributed.tensor import DTensor
-    return isinstance(t, DTensor)
+    return isinstance(t, _dtensor_class())
 
 
 def local_parts(p: Tensor, owner: str) -> tuple[Tensor, Tensor, Sharding | None]:

@@ -10,10 +10,10 @@ weight in the same pass. No m x n buffer is allocated: the transient memory is f
 sum of squares leaves [2^-100, 2^100], i.e. a gradient near float32's under- or overflow, are summed again on
 qG, and the column sums with them when such a row had already contributed: a rare extra read.)
 
-The loop runs on one core, matrix after matrix, whatever torch's thread count: it is written for the one-thread
-case (``make bench``, and the studies' one-thread worker processes), where its passes are limited by arithmetic
-about as much as by memory; with many idle cores, torch's multi-threaded operations (``SinkGD(..., fused=False)``)
-can be faster on large matrices.
+Threads: a batch of same-shape matrices is split over ``torch.get_num_threads()`` threads (the loop releases
+the GIL), each stepping whole matrices with its own work vectors, so a matrix's numbers do not depend on the
+thread count; one matrix runs on one core. The loop is written for the one-thread case (``make bench``, and the
+studies' one-thread worker processes), where its passes are limited by arithmetic about as much as by memory.
 
 The arithmetic is :func:`multinorm.normalize.sinkhorn_square_scalings`' in float32, step for step (the
 same floors and update; the prescale, an exact power of four, may differ by a factor that cancels); sums are
@@ -23,6 +23,9 @@ accumulated in another order, so results agree to float32 rounding. ``tests/test
 from __future__ import annotations
 
 import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numba
 import numpy as np
@@ -44,17 +47,55 @@ def usable(param: Tensor, grad: Tensor) -> bool:
 
 
 def sinkgd_matrix_step(params: list[Tensor], grads: list[Tensor], iters: int, eps: float, lr: float,
-                       weight_decay: float, maximize: bool) -> None:
+                       weight_decay: float, maximize: bool, threads: int | None = None) -> None:
     """``W <- W (1 - lr wd) -/+ lr SR-Sinkhorn(G)`` in place, for each of a list of same-shape matrices
-    (:func:`usable`), one after the other."""
-    m, n = grads[0].shape
-    # four separate allocations (LLVM vectorises loops over arrays it cannot prove overlapping less well), made
-    # by torch so that memory probes see them, and shared by the list: at the small sizes of a debug model the
-    # allocations and conversions cost as much as the loop itself
-    u, rows, v, col = (torch.empty(size, dtype=torch.float32).numpy() for size in (m, m, n, n))
+    (:func:`usable`): the list split over ``threads`` threads (default ``torch.get_num_threads()``; never more
+    than there are matrices), each stepping its share one matrix after the other. Every matrix gets the same
+    numbers, bit for bit, at any thread count."""
+    threads = torch.get_num_threads() if threads is None else threads
+    pairs = [(grad.numpy(), param.detach().numpy()) for param, grad in zip(params, grads)]
     scalars = (np.float32(eps * eps), np.float32(lr if maximize else -lr), np.float32(1.0 - lr * weight_decay))
-    for param, grad in zip(params, grads):
-        _step(grad.numpy(), param.detach().numpy(), iters, *scalars, u, rows, v, col)
+    shares = [pairs[k::threads] for k in range(min(max(threads, 1), len(pairs)))]
+    if len(shares) == 1:
+        _step_share(shares[0], iters, scalars)
+        return
+    futures = [_pool(len(shares) - 1).submit(_step_share, share, iters, scalars) for share in shares[1:]]
+    _step_share(shares[0], iters, scalars)
+    for future in futures:
+        future.result()
+
+
+def _step_share(pairs: list[tuple[np.ndarray, np.ndarray]], iters: int, scalars: tuple) -> None:
+    m, n = pairs[0][0].shape
+    # four separate allocations (LLVM vectorises loops over arrays it cannot prove overlapping less well), made
+    # by torch so that memory probes see them, and shared by the share's matrices: at the small sizes of a debug
+    # model the allocations and conversions cost as much as the loop itself
+    u, rows, v, col = (torch.empty(size, dtype=torch.float32).numpy() for size in (m, m, n, n))
+    for G, W in pairs:
+        _step(G, W, iters, *scalars, u, rows, v, col)
+
+
+_POOL: tuple[ThreadPoolExecutor, int] | None = None  # (the executor, its number of threads)
+_POOL_LOCK = threading.Lock()
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """The process's helper threads for :func:`sinkgd_matrix_step`, at least ``workers`` of them."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None or _POOL[1] < workers:
+            if _POOL is not None:
+                _POOL[0].shutdown(wait=True)
+            _POOL = (ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sinkgd"), workers)
+        return _POOL[0]
+
+
+def _forget_pool() -> None:  # a forked child has none of its parent's threads: it starts its own pool
+    global _POOL, _POOL_LOCK
+    _POOL, _POOL_LOCK = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
