@@ -158,42 +158,47 @@ def test_train_throughput_reports_the_optimizer_phase_per_round():
 
 def _tables(sink_ratio=1.1, micro_ratio=1.3, syncs=(0, 0), floor=(1.1, None), tokens_ratio=1.02, phase_ratio=0.8,
             ratio_high=1.05, fraction=0.9):
+    cpu = {"device": "cpu", "dtype": "float32", "threading": "1 thread", "baseline": "adamw-fused"}
     step = pd.DataFrame([
-        {"setting": "block-1b", "device": "cpu", "dtype": "float32", "method": "sinkgd",
-         "baseline": "adamw-fused", "ratio": sink_ratio, "host_syncs": syncs[0]},
-        {"setting": "micro", "device": "cpu", "dtype": "float32", "method": "sinkgd",
-         "baseline": "adamw-fused", "ratio": micro_ratio, "host_syncs": syncs[1]},
-        {"setting": "micro", "device": "cpu", "dtype": "float32", "method": "swan",
-         "baseline": "adamw-fused", "ratio": 30.0, "host_syncs": 5},
+        {"setting": "block-1b", **cpu, "method": "sinkgd", "ratio": sink_ratio, "host_syncs": syncs[0]},
+        {"setting": "micro", **cpu, "method": "sinkgd", "ratio": micro_ratio, "host_syncs": syncs[1]},
+        {"setting": "micro", **cpu, "method": "swan", "ratio": 30.0, "host_syncs": 5},
+        {"setting": "block-1b", **cpu, "threading": "all cores", "method": "sinkgd", "ratio": 1.15, "host_syncs": 0},
         {"setting": "block-1b", "device": "cuda", "dtype": "bfloat16", "method": "sinkgd",
          "baseline": "adamw-fused", "ratio": float("nan"), "host_syncs": None},
     ])
     floors = pd.DataFrame([{"setting": s, "device": "cpu", "dtype": "float32", "method": "swan", "ratio": r}
                            for s, r in zip(("micro", "block-1b"), floor) if r is not None])
-    train = pd.DataFrame([{"model": "nano", "device": "cpu", "dtype": "float32", "optimizer": "sinkgd",
-                           "baseline": "adamw", "baseline_built": "AdamW (fused): hidden, rest",
-                           "tokens_per_s": 5000.0, "ratio": tokens_ratio, "ratio_min": 0.9,
-                           "ratio_max": 1.1, "ratio_low": 0.95, "ratio_high": ratio_high, "optimizer_ms": 8.0,
-                           "optimizer_ratio": phase_ratio}])
-    bandwidth = pd.DataFrame([{"setting": "block-1b", "device": "cpu", "dtype": "float32", "method": "sinkgd",
-                               "bytes": 1.6e9, "step_ms": 100.0, "floor_ms": 100.0 * fraction,
+    train = pd.DataFrame([{"model": "nano", "device": "cpu", "dtype": "float32", "threads": 1,
+                           "threading": "1 thread", "optimizer": "sinkgd", "baseline": "adamw",
+                           "baseline_built": "AdamW (fused): hidden, rest", "tokens_per_s": 5000.0,
+                           "ratio": tokens_ratio, "ratio_min": 0.9, "ratio_max": 1.1, "ratio_low": 0.95,
+                           "ratio_high": ratio_high, "optimizer_ms": 8.0, "optimizer_ratio": phase_ratio}])
+    bandwidth = pd.DataFrame([{"setting": "block-1b", "device": "cpu", "dtype": "float32", "threading": "1 thread",
+                               "method": "sinkgd", "bytes": 1.6e9, "step_ms": 100.0, "floor_ms": 100.0 * fraction,
                                "achieved_gbs": 16.0, "machine_gbs": 16.0 / fraction, "fraction": fraction}])
-    # (micro's share not measured)
     return {"optimizer_step": step, "compute_floor": floors, "train_throughput": train, "bandwidth": bandwidth}
 
 
 def test_targets_status_from_synthetic_tables():
+    """Each target reads its own rows: setting, thread count, fused-AdamW baseline; a row not there is "not
+    measured" (the micro and all-cores rows left out of the synthetic tables)."""
     targets = evaluate_targets(_tables())
     assert list(targets.columns) == ["target", "measured", "threshold", "status"]
-    assert len(targets) == len(bench.TARGETS) == 10
+    assert len(targets) == len(bench.TARGETS) == 15
     status = dict(zip(targets["target"], targets["status"]))
     measured = dict(zip(targets["target"], targets["measured"]))
     names = [t.name for t in bench.TARGETS]
-    assert [status[n] for n in names] == ["met", "not met", "met", "not measured", "met", "not measured", "met",
-                                          "met", "met", "not measured"]
-    assert measured[names[0]] == 1.1 and measured[names[2]] == 0.9 and math.isnan(measured[names[5]])
-    assert targets["threshold"].tolist()[:4] == ["<= 1.2", "<= 1.2", ">= 0.85", ">= 0.85"]
-    assert all("AdamW(fused)" in n for n in names[:2])
+    assert [status[n] for n in names] == [
+        "met", "not met", "met", "not measured",  # step ratios: 1 thread (block, micro), all cores (block, micro)
+        "met", "not measured", "not measured", "not measured",  # bandwidth shares, same order
+        "met", "not measured",  # SWAN's compute floor (micro, block)
+        "met", "not measured", "met",  # optimizer phase (1 thread, all cores), tokens/s interval
+        "met", "not measured"]  # host syncs, GPU
+    assert measured[names[0]] == 1.1 and measured[names[2]] == 1.15 and measured[names[4]] == 0.9
+    assert math.isnan(measured[names[9]])
+    assert targets["threshold"].tolist()[:5] == ["<= 1.2"] * 4 + [">= 0.85"]
+    assert all("AdamW(fused)" in n for n in names[:4]) and names[2].endswith("all cores")
 
 
 def test_targets_edges_and_worst_sync_count():
@@ -202,11 +207,14 @@ def test_targets_edges_and_worst_sync_count():
                      fraction=0.84)
     status = dict(zip(names, evaluate_targets(tables)["status"]))
     assert status[names[0]] == "met"  # the threshold itself meets "<="
-    assert status[names[2]] == "not met"  # a bandwidth share below 0.85
-    assert status[names[6]] == "not met"  # the optimizer phase, not the tokens/s point estimate, decides
-    assert status[names[7]] == "not met"  # an interval wholly below 1: training measurably slower
-    assert status[names[8]] == "not met"  # the largest count over the settings decides
-    assert evaluate_targets(_tables(ratio_high=1.0))["status"][7] == "met"
+    assert status[names[4]] == "not met"  # a bandwidth share below 0.85
+    assert status[names[10]] == "not met"  # the optimizer phase, not the tokens/s point estimate, decides
+    assert status[names[12]] == "not met"  # an interval wholly below 1: training measurably slower
+    assert status[names[13]] == "not met"  # the largest count over the settings decides
+    assert evaluate_targets(_tables(ratio_high=1.0))["status"][12] == "met"
+    foreach = _tables()
+    foreach["train_throughput"] = foreach["train_throughput"].assign(baseline_built="AdamW (foreach): hidden, rest")
+    assert evaluate_targets(foreach)["status"][10] == "not measured"  # measured against the slower AdamW
     empty = evaluate_targets({})
     assert (empty["status"] == "not measured").all()
 
@@ -219,8 +227,9 @@ def test_summary_markdown_lists_targets_and_profile():
     text = summary_markdown(tables, evaluate_targets(tables), {"cpu": "Test CPU", "quick": True})
     assert "Test CPU" in text and "Quick run" in text
     assert "| backward | 40.0 ms (40%) | 40.0 ms (40%) |" in text
-    assert text.count("not measured") == 3
-    assert "cpu float32 sinkgd 5,000 (1.020x adamw, 0.900-1.100 [0.950, 1.050]; optimizer 8.0 ms, 0.80x adamw's)" in text
+    assert text.count("not measured") == 7
+    assert ("cpu float32, 1 thread sinkgd 5,000 (1.020x adamw, 0.900-1.100 [0.950, 1.050]; optimizer 8.0 ms, 0.80x "
+            "adamw's)") in text
 
 
 def test_optimizer_ceiling_bounds_the_training_ratio_by_the_optimizer_phase():
@@ -302,7 +311,14 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     assert {"adamw-fused", "adamw-foreach", "sgd", "sinkgd"} <= set(tables["bandwidth"]["method"])
     assert set(tables["train_throughput"]["optimizer"]) >= {"adamw", "sinkgd"}
     assert (tables["train_throughput"]["baseline_built"] == "AdamW (fused): hidden, rest").all()
-    for _, frame in tables["train_profile"].groupby("optimizer"):
+    from multinorm.bench.measure import available_cores
+
+    if available_cores() > 1:  # a second pass with every core: the reference and SinkGD's steps, and training
+        wide = cpu[cpu["threading"] == "all cores"]
+        assert set(wide["method"]) == {"adamw-fused", "adamw-foreach", "sinkgd", "sinkgd-torch"}
+        assert (wide["threads"] == available_cores()).all() and (cpu[cpu["threads"] == 1]["threading"] == "1 thread").all()
+        assert set(tables["train_throughput"]["threading"]) == {"1 thread", "all cores"}
+    for _, frame in tables["train_profile"].groupby(["optimizer", "threads"]):
         assert set(frame["phase"]) == {"data", "forward", "backward", "optimizer", "evaluation", "other"}
         assert frame["fraction"].sum() == pytest.approx(1.0, abs=1e-4)  # the CSV keeps 6 digits
     assert len(targets) == len(bench.TARGETS) and set(targets["status"]) <= {"met", "not met", "not measured"}

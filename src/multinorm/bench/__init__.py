@@ -7,7 +7,10 @@
 
 Every ratio is measured in one process, interleaved: the two sides are timed in alternation
 (A B A B ..., ``--rounds`` rounds; each measurement is a ``torch.utils.benchmark`` ``blocked_autorange``),
-and the ratio reported is the median of the per-round ratios, with its min and max. Files in ``--out``:
+and the ratio reported is the median of the per-round ratios, with its min and max. Every method is timed at
+``--threads`` (default 1); the AdamW references, SinkGD and the training part are timed again with every
+available core, a training run's default (rows say which in ``threads`` and ``threading``; ``--no-all-cores``
+skips that pass). Files in ``--out``:
 
 * ``optimizer_step.csv`` -- per setting (``block-1b``: one LLaMA-1B block's 7 hidden matrices; ``micro``:
   the micro model's hidden matrices; on CUDA also every hidden matrix of 350M and 1B) and method: step

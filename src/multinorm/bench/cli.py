@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from ..io import atomic_write
-from .measure import dump_json, environment, memory_bandwidth
+from .measure import available_cores, dump_json, environment, memory_bandwidth
 from .steps import (BANDWIDTH_COLUMNS, FLOOR_COLUMNS, GPU_SETTINGS, SETTINGS, STEP_COLUMNS, bench_setting,
                     method_names, unmeasured_rows)
 from .targets import evaluate_targets, read_tables, summary_markdown
@@ -26,7 +26,9 @@ TRAIN_OPTIMIZERS = ("adamw", "sinkgd", "swan")
 # --quick: what the targets and the bandwidth table need
 QUICK_METHODS = ("adamw-foreach", "adamw-fused", "sgd", "sinkgd", "sinkgd-torch", "swan")
 QUICK_TRAIN_OPTIMIZERS = ("adamw", "sinkgd")
-RAW_COLUMNS = ["table", "setting", "device", "dtype", "comparison", "round", "name", "seconds", "calls",
+# timed again with every available core (a training run's default threads), after the one-thread pass
+ALL_CORES_METHODS = ("adamw-fused", "adamw-foreach", "sinkgd", "sinkgd-torch")
+RAW_COLUMNS = ["table", "setting", "device", "dtype", "threads", "comparison", "round", "name", "seconds", "calls",
                "optimizer_seconds"]
 INT_COLUMNS = {"cores", "jobs", "threads_per_run", "steps", "threads", "matrices", "params", "rounds", "state_bytes", "peak_extra_bytes", "host_syncs", "bytes",
                "matmul_n", "vocab_size", "batch_size", "seq_len", "steps_profiled", "round", "calls"}
@@ -66,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (1: the optimizer steps are memory bound, and one thread gives steady "
                         "timings on a shared machine; default 1)")
+    p.add_argument("--no-all-cores", dest="all_cores", action="store_false",
+                   help="skip the second pass at every available core (a training run's default thread count): "
+                        "the optimizer steps of " + ", ".join(ALL_CORES_METHODS) + " and the training part")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto (default): CPU (fp32), plus CUDA (fp32 and bf16) when available")
     p.add_argument("--no-compile", dest="compile", action="store_false",
@@ -122,6 +127,8 @@ def _update_raw(path: Path, table: str, frames: list[pd.DataFrame], partial: boo
     """Replace the per-round times of one part in raw_times.csv, keeping the other part's; with ``partial``,
     only those of the comparisons measured now."""
     previous = pd.read_csv(path) if path.exists() else pd.DataFrame()
+    if "table" in previous and "threads" not in previous:  # written when every time was taken at one thread
+        previous = previous.assign(threads=1)
     new = [f.assign(table=table) for f in frames]
     if "table" not in previous:
         kept = []
@@ -134,12 +141,30 @@ def _update_raw(path: Path, table: str, frames: list[pd.DataFrame], partial: boo
     _write_csv(_frame(pd.concat(kept + new, ignore_index=True) if kept + new else [], RAW_COLUMNS), path)
 
 
-ROW_KEY = ["setting", "device", "dtype", "method"]
-RAW_KEY = ["setting", "device", "dtype", "comparison"]
+ROW_KEY = ["setting", "device", "dtype", "threads", "method"]
+RAW_KEY = ["setting", "device", "dtype", "threads", "comparison"]
+
+
+def thread_counts(args) -> list[int]:
+    """``--threads``, then every available core (unless ``--no-all-cores``, or that is the same count)."""
+    counts = [args.threads]
+    if args.all_cores and available_cores() != args.threads:
+        counts.append(available_cores())
+    return counts
+
+
+def _key_part(value) -> str:
+    """A key column's value as text, the same whether it was read back from a CSV (a thread count in a column
+    with gaps comes back as 2.0) or just measured (2)."""
+    if pd.isna(value):
+        return "nan"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def _keys(frame: pd.DataFrame, key: list[str]) -> list[tuple]:
-    return [tuple(str(v) for v in row) for row in frame[key].itertuples(index=False)]
+    return [tuple(_key_part(v) for v in row) for row in frame[key].itertuples(index=False)]
 
 
 def _merged(path: Path, new: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -173,7 +198,7 @@ def _report(out: Path, env: dict | None) -> pd.DataFrame:
 def _machine_bandwidth(devices: list[torch.device], args, log) -> list[dict]:
     """Memory bandwidth per device; on CPU with one thread, all available cores and --threads."""
     rows = []
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = available_cores()
     for device in devices:
         for threads in (sorted({1, cores, args.threads}) if device.type == "cpu" else [args.threads]):
             bw = memory_bandwidth(device, args.bandwidth_mib * 2**20, threads, 5 * args.min_run_time)
@@ -186,22 +211,29 @@ def _machine_bandwidth(devices: list[torch.device], args, log) -> list[dict]:
 
 
 def _run_steps(args, devices: list[torch.device], env: dict, out: Path, log) -> None:
-    """The optimizer-step part: optimizer_step.csv, compute_floor.csv, bandwidth.csv, raw times."""
+    """The optimizer-step part: optimizer_step.csv, compute_floor.csv, bandwidth.csv, raw times. Every method at
+    ``--threads``; then, on CPU, ``ALL_CORES_METHODS`` again with every available core."""
     tables: dict[str, list] = {"optimizer_step": [], "compute_floor": [], "bandwidth": [], "raw": []}
-    for device in devices:
-        machine = {r["stream"]: r["gbs"] * 1e9 for r in env["memory_bandwidth"]
-                   if r["device"] == device.type and r["threads"] == args.threads}
-        names = method_names(device, args.compile)
-        wanted = args.methods or (QUICK_METHODS if args.quick else names)
-        methods = [m for i, m in enumerate(names) if i == 0 or m in wanted]  # names[0]: the reference
-        for dtype in ([torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]):
-            for setting in args.settings:
-                if setting in GPU_SETTINGS and device.type != "cuda":
-                    continue
-                log(f"== {setting} {device.type} {str(dtype).replace('torch.', '')}")
-                for key, rows in bench_setting(setting, device, dtype, methods, args, machine, log).items():
-                    tables[key] += rows
-                gc.collect()
+    for pass_index, threads in enumerate(thread_counts(args)):
+        torch.set_num_threads(threads)
+        for device in devices:
+            if pass_index and device.type != "cpu":
+                continue
+            machine = {r["stream"]: r["gbs"] * 1e9 for r in env["memory_bandwidth"]
+                       if r["device"] == device.type and r["threads"] == threads}
+            names = method_names(device, args.compile)
+            wanted = args.methods or (QUICK_METHODS if args.quick else names)
+            wanted = [m for m in wanted if not pass_index or m in ALL_CORES_METHODS]
+            methods = [m for i, m in enumerate(names) if i == 0 or m in wanted]  # names[0]: the reference
+            for dtype in ([torch.float32] if device.type == "cpu" else [torch.float32, torch.bfloat16]):
+                for setting in args.settings:
+                    if setting in GPU_SETTINGS and device.type != "cuda":
+                        continue
+                    log(f"== {setting} {device.type} {str(dtype).replace('torch.', '')}, {threads} thread(s)")
+                    for key, rows in bench_setting(setting, device, dtype, methods, args, machine, log).items():
+                        tables[key] += [r.assign(threads=threads) for r in rows] if key == "raw" else rows
+                    gc.collect()
+    torch.set_num_threads(args.threads)
     if args.device == "auto" and not torch.cuda.is_available():
         tables["optimizer_step"] += unmeasured_rows(args.settings)
     steps = _frame(tables["optimizer_step"], STEP_COLUMNS)
@@ -239,17 +271,23 @@ def _run_training(args, devices: list[torch.device], out: Path, log) -> None:
         except (OSError, ValueError, RuntimeError) as exc:
             log(f"  training part skipped: {setup.dataset} could not be loaded: {exc}")
             return
-        loops = make_loops(optimizers, setup, data, device, dtype)
-        rows, times = train_throughput(loops, setup, device, dtype, args.train_rounds, 5 * args.min_run_time)
-        throughput += rows
-        raw.append(times.assign(setting=setup.model, device=device.type, dtype=dtype_name, comparison="training step"))
-        for r in rows:
-            log(f"  {r['optimizer']:8s} {r['tokens_per_s']:10,.0f} tokens/s  x{r['ratio']:.3f} "
-                f"[{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] of {r['baseline']}; optimizer phase "
-                f"{r['optimizer_ms']:.2f} ms, x{r['optimizer_ratio']:.3f} of {r['baseline']}'s")
-        profile += train_profile(loops, setup, device, dtype, args.profile_steps)
-        del loops, data
-        gc.collect()
+        for threads in thread_counts(args) if device.type == "cpu" else [args.threads]:
+            torch.set_num_threads(threads)
+            log(f"  {threads} thread(s)")
+            loops = make_loops(optimizers, setup, data, device, dtype)
+            rows, times = train_throughput(loops, setup, device, dtype, args.train_rounds, 5 * args.min_run_time)
+            throughput += rows
+            raw.append(times.assign(setting=setup.model, device=device.type, dtype=dtype_name, threads=threads,
+                                    comparison="training step"))
+            for r in rows:
+                log(f"  {r['optimizer']:8s} {r['tokens_per_s']:10,.0f} tokens/s  x{r['ratio']:.3f} "
+                    f"[{r['ratio_min']:.3f}, {r['ratio_max']:.3f}] of {r['baseline']}; optimizer phase "
+                    f"{r['optimizer_ms']:.2f} ms, x{r['optimizer_ratio']:.3f} of {r['baseline']}'s")
+            profile += train_profile(loops, setup, device, dtype, args.profile_steps)
+            del loops
+            gc.collect()
+        torch.set_num_threads(args.threads)
+        del data
     _write_csv(_frame(throughput, THROUGHPUT_COLUMNS), out / "train_throughput.csv")
     _write_csv(_frame(profile, PROFILE_COLUMNS), out / "train_profile.csv")
     _update_raw(out / "raw_times.csv", "train_throughput", raw)

@@ -29,7 +29,7 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
 __all__ = ["interleave", "ratio_summary", "HostSyncCounter", "count_host_syncs", "peak_extra_bytes",
-           "memory_bandwidth", "matmul_callable", "environment"]
+           "memory_bandwidth", "matmul_callable", "environment", "available_cores", "threading_label"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -221,6 +221,19 @@ def matmul_callable(n: int, device: torch.device, dtype: torch.dtype) -> tuple[C
 # environment
 
 
+def available_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threading_label(threads: int) -> str:
+    """How a row was threaded, in words the targets select on: "1 thread", "all cores" (a training run's
+    default: torch uses every available core) or "N threads"."""
+    if threads == 1:
+        return "1 thread"
+    return "all cores" if threads == available_cores() else f"{threads} threads"
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -260,7 +273,7 @@ def environment(argv: list[str] | None = None) -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "physical_cores": psutil.cpu_count(logical=False),
         "logical_cores": psutil.cpu_count(logical=True),
-        "available_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "available_cores": available_cores(),
         "memory_bytes": psutil.virtual_memory().total,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),

@@ -36,7 +36,8 @@ import torch
 
 from ..llama import MODEL_CONFIGS, build_model, split_parameters
 from ..optim import OPTIMIZERS, CombinedOptimizer, SinkGD, optimizer_state_bytes
-from .measure import HostSyncCounter, interleave, matmul_callable, peak_extra_bytes, ratio_summary
+from .measure import (HostSyncCounter, interleave, matmul_callable, peak_extra_bytes, ratio_summary,
+                      threading_label)
 
 __all__ = ["BLOCK_1B_SHAPES", "SETTINGS", "GPU_SETTINGS", "reference", "method_names", "setting_shapes",
            "random_params", "make_params", "make_optimizer", "predicted_step", "swan_flops", "COMPUTE_FLOORS",
@@ -57,13 +58,14 @@ UNFUSED = "sinkgd-torch"
 PROJECTOR_WARMUP = {"galore", "fira"}  # their first step computes SVD projectors, reused for 200 steps
 LR = 1e-6  # tiny steps: repeated updates with one fixed gradient stay harmless
 
-STEP_COLUMNS = ["setting", "device", "dtype", "threads", "matrices", "params", "method", "baseline", "rounds",
-                "step_ms", "step_ms_min", "step_ms_max", "baseline_ms", "ratio", "ratio_min", "ratio_max",
-                "state_bytes", "peak_extra_bytes", "host_syncs", "memory_method", "note"]
-FLOOR_COLUMNS = ["setting", "device", "dtype", "threads", "matrices", "params", "method", "rounds", "gflop",
-                 "matmul_n", "matmul_gflops", "floor_ms", "step_ms", "ratio", "ratio_min", "ratio_max"]
-BANDWIDTH_COLUMNS = ["setting", "device", "dtype", "threads", "matrices", "params", "method", "accounting",
-                     "bytes", "step_ms", "achieved_gbs", "machine_gbs", "machine_stream", "fraction", "floor_ms"]
+_WHERE = ["setting", "device", "dtype", "threads", "threading", "matrices", "params", "method"]
+STEP_COLUMNS = _WHERE + ["baseline", "rounds", "step_ms", "step_ms_min", "step_ms_max", "baseline_ms", "ratio",
+                         "ratio_min", "ratio_max", "state_bytes", "peak_extra_bytes", "host_syncs", "memory_method",
+                         "note"]
+FLOOR_COLUMNS = _WHERE + ["rounds", "gflop", "matmul_n", "matmul_gflops", "floor_ms", "step_ms", "ratio", "ratio_min",
+                          "ratio_max"]
+BANDWIDTH_COLUMNS = _WHERE + ["accounting", "bytes", "step_ms", "achieved_gbs", "machine_gbs", "machine_stream",
+                              "fraction", "floor_ms"]
 
 
 def reference(device: torch.device) -> str:
@@ -241,7 +243,8 @@ def bench_setting(setting: str, device: torch.device, dtype: torch.dtype, method
     """
     params = make_params(setting, device, dtype, args.quick)
     common = {"setting": setting, "device": device.type, "dtype": _dtype_name(dtype),
-              "threads": torch.get_num_threads(), "matrices": len(params), "params": sum(p.numel() for p in params)}
+              "threads": torch.get_num_threads(), "threading": threading_label(torch.get_num_threads()),
+              "matrices": len(params), "params": sum(p.numel() for p in params)}
     ref = reference(device)
     ref_opt = make_optimizer(ref, params)
     ref_opt.step()  # creates its state

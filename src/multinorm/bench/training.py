@@ -26,20 +26,19 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from ..llama import build_model
 from ..optim import build_optimizer, describe_optimizer
 from ..studies.stats import ratio_ci
-from .measure import interleave, ratio_summary
+from .measure import interleave, ratio_summary, threading_label
 
 __all__ = ["TrainSetup", "make_loops", "train_throughput", "train_profile", "PHASES",
            "THROUGHPUT_COLUMNS", "PROFILE_COLUMNS"]
 
 PHASES = ("data", "forward", "backward", "optimizer", "evaluation")
 LABEL = "bench:"  # prefix of the profiler ranges, so no other range shares their names
-THROUGHPUT_COLUMNS = ["model", "device", "dtype", "threads", "vocab_size", "batch_size", "seq_len", "optimizer",
-                      "baseline", "rounds", "step_ms", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max",
-                      "ratio", "ratio_min", "ratio_max", "ratio_low", "ratio_high", "optimizer_ms",
-                      "optimizer_ratio", "optimizer_ratio_min", "optimizer_ratio_max", "built", "baseline_built",
-                      "note"]
-PROFILE_COLUMNS = ["model", "device", "dtype", "threads", "vocab_size", "batch_size", "seq_len", "optimizer",
-                   "phase", "ms_per_step", "fraction", "steps_profiled"]
+_SETUP = ["model", "device", "dtype", "threads", "threading", "vocab_size", "batch_size", "seq_len", "optimizer"]
+THROUGHPUT_COLUMNS = _SETUP + ["baseline", "rounds", "step_ms", "tokens_per_s", "tokens_per_s_min",
+                               "tokens_per_s_max", "ratio", "ratio_min", "ratio_max", "ratio_low", "ratio_high",
+                               "optimizer_ms", "optimizer_ratio", "optimizer_ratio_min", "optimizer_ratio_max", "built",
+                               "baseline_built", "note"]
+PROFILE_COLUMNS = _SETUP + ["phase", "ms_per_step", "fraction", "steps_profiled"]
 
 
 @dataclass
@@ -117,7 +116,8 @@ def make_loops(optimizers: Sequence[str], setup: TrainSetup, data, device: torch
 
 def _common(setup: TrainSetup, device: torch.device, dtype: torch.dtype) -> dict:
     return {"model": setup.model, "device": device.type, "dtype": str(dtype).replace("torch.", ""),
-            "threads": torch.get_num_threads(), "vocab_size": setup.vocab_size, "batch_size": setup.batch_size,
+            "threads": torch.get_num_threads(), "threading": threading_label(torch.get_num_threads()),
+            "vocab_size": setup.vocab_size, "batch_size": setup.batch_size,
             "seq_len": setup.seq_len}
 
 

@@ -375,8 +375,8 @@ def optimizer_ceiling(profile: pd.DataFrame, method: str = "sinkgd", baseline: s
     device and dtype, from the torch.profiler breakdown: ``ceiling`` if ``method``'s step cost nothing
     (T / (T - opt_baseline)) and ``predicted`` with its measured optimizer phase (T / (T - opt_baseline +
     opt_method)), T being the baseline's whole step. Forward, backward and evaluation are the same work for
-    both, so any ratio beyond these bounds is noise."""
-    keys = ["model", "device", "dtype"]
+    both, so any ratio beyond these bounds is noise. Per thread count too, where the profile has one."""
+    keys = ["model", "device", "dtype"] + (["threads"] if "threads" in profile else [])
     total = profile.groupby(["optimizer", *keys], sort=False)["ms_per_step"].sum()
     opt = profile[profile["phase"] == "optimizer"].set_index(["optimizer", *keys])["ms_per_step"]
     if not {method, baseline} <= set(opt.index.get_level_values(0)):
@@ -391,8 +391,8 @@ def optimizer_ceiling(profile: pd.DataFrame, method: str = "sinkgd", baseline: s
 
 def bench_ceiling(bench_dir: str | Path, base: TrainConfig, method: str = "sinkgd",
                   baseline: str = "adamw") -> float | None:
-    """The largest tokens/s ratio ``method / baseline`` a training step of this regime allows, from ``make bench``'s
-    profile (:func:`optimizer_ceiling`: the ratio if ``method``'s optimizer phase cost nothing); None when the
+    """The largest tokens/s ratio ``method / baseline`` a training step of this regime allows (at one thread, as
+    the study's runs train), from ``make bench``'s profile (:func:`optimizer_ceiling`: the ratio if ``method``'s optimizer phase cost nothing); None when the
     benchmark did not profile this regime."""
     path = Path(bench_dir) / "train_profile.csv"
     if not path.exists():
@@ -401,6 +401,8 @@ def bench_ceiling(bench_dir: str | Path, base: TrainConfig, method: str = "sinkg
     same = profile[(profile.model == base.model) & (profile.device == base.device)
                    & (profile.vocab_size == base.vocab_size) & (profile.batch_size == base.batch_size)
                    & (profile.seq_len == base.seq_len)]
+    if "threads" in same:  # the study trains each run on one thread
+        same = same[same.threads == 1]
     table = optimizer_ceiling(same, method, baseline)
     return float(table.ceiling.max()) if len(table) else None
 
