@@ -301,7 +301,8 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     assert set(cpu["setting"]) == {"block-1b", "micro"}
     assert {"adamw-fused", "adamw-foreach", "sinkgd", "swan"} <= set(cpu["method"])
     assert (cpu["baseline"] == "adamw-fused").all()
-    assert (cpu["ratio_min"] <= cpu["ratio"]).all() and (cpu["ratio"] <= cpu["ratio_max"]).all()
+    one = cpu[cpu["threads"] == 1]  # (the all-cores pass below shares the cores with the test's other workers)
+    assert (one["ratio_min"] <= one["ratio"]).all() and (one["ratio"] <= one["ratio_max"]).all()
     assert (cpu.loc[cpu["method"] == "adamw-fused", "ratio"] == 1).all()
     assert (cpu.loc[cpu["method"] == "sinkgd", "state_bytes"] == 0).all()
     assert (cpu["host_syncs"] >= 0).all()
@@ -316,6 +317,7 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     if available_cores() > 1:  # a second pass with every core: the reference and SinkGD's steps, and training
         wide = cpu[cpu["threading"] == "all cores"]
         assert set(wide["method"]) == {"adamw-fused", "adamw-foreach", "sinkgd", "sinkgd-torch"}
+        assert ((wide["step_ms"] > 0) | wide["note"].notna()).all()
         assert (wide["threads"] == available_cores()).all() and (cpu[cpu["threads"] == 1]["threading"] == "1 thread").all()
         assert set(tables["train_throughput"]["threading"]) == {"1 thread", "all cores"}
     for _, frame in tables["train_profile"].groupby(["optimizer", "threads"]):
