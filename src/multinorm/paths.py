@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["repo_root", "resolve"]
+__all__ = ["repo_root", "resolve", "child_env"]
 
 _PACKAGE = Path(__file__).resolve().parent
 
@@ -26,3 +26,12 @@ def resolve(path: str | os.PathLike) -> Path:
     """`path` if it is absolute (after `~` expansion), else `path` under the repository root."""
     path = Path(path).expanduser()
     return path if path.is_absolute() else repo_root() / path
+
+
+def child_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """``environ`` (default ``os.environ``) with the folder that holds this package first on ``PYTHONPATH``, so that
+    a Python process started with it (a training subprocess, a notebook kernel) imports this same package. (Not
+    the package folder itself: its modules would shadow the standard library's, e.g. ``multinorm/io.py``.)"""
+    environ = dict(os.environ if environ is None else environ)
+    environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_PACKAGE.parent), environ.get("PYTHONPATH")]))
+    return environ

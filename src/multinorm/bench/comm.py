@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path

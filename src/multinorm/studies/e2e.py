@@ -35,7 +35,7 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from multinorm.paths import repo_root
+from multinorm.paths import child_env, repo_root
 from multinorm.paths import resolve as repo_path
 
 __all__ = ["E2EError", "Deadline", "free_port", "lab_url", "lab_command", "write_lab_settings", "text_fallbacks", "Lab",
@@ -151,9 +151,7 @@ class Lab:
         (workdir / "workspaces").mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "jupyterlab.log"
         # The kernel imports this package from this checkout, as the training subprocesses it starts do.
-        src = str(Path(__file__).resolve().parents[1])
-        env = {**os.environ, "JUPYTER_TOKEN": self.token,
-               "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
+        env = child_env() | {"JUPYTER_TOKEN": self.token}
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(lab_command(self.port, root, workdir, as_root),
                                             cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,

@@ -21,7 +21,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import shutil
 import signal
 import subprocess
@@ -37,7 +36,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from multinorm.optim import OPTIMIZERS
-from multinorm.paths import repo_root
+from multinorm.paths import child_env, repo_root
 from multinorm.paths import resolve as repo_path  # `path` if absolute, else under the repository root
 from multinorm.studies.report import method_label
 from multinorm.studies.sweep import config_key, load_curves, run_grid, run_id
@@ -203,10 +202,8 @@ class BackgroundRun:
         self.stop_requested, self._signalled = False, False
         shutil.rmtree(self.run_dir, ignore_errors=True)  # no stale metrics for the plot to read
         self.run_dir.mkdir(parents=True)
-        src = str(Path(__file__).resolve().parents[1])  # the child imports this same package
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
-        with open(self.run_dir / "train.log", "w") as log:
-            self.process = subprocess.Popen([sys.executable, "-c", _CHILD, *_cli_args(cfg)], cwd=REPO, env=env,
+        with open(self.run_dir / "train.log", "w") as log:  # the child imports this same package
+            self.process = subprocess.Popen([sys.executable, "-c", _CHILD, *_cli_args(cfg)], cwd=REPO, env=child_env(),
                                             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         # A kernel that shuts down (or drops this object) does not leave the run training on its own.
         weakref.finalize(self, _interrupt, self.process)
