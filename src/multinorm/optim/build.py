@@ -15,7 +15,8 @@ AdamW is torch's, with its fused kernel (``fused=True``) wherever torch has one 
 gets (floating-point tensors on CPU or CUDA; not DTensors, whose FSDP2 shards fall back to torch's default
 multi-tensor path): the same update, to float rounding, in fewer passes over memory
 (:func:`adamw_implementation`; ``describe_optimizer`` names what was built, and ``python -m
-multinorm.train`` records it in ``config.json``). Baselines (Muon, GaLore, APOLLO, Fira) come from torch and their packages; they are not re-implemented (Muon only
+multinorm.train`` records it in ``config.json``). Baselines (Muon, GaLore, APOLLO, Fira) come from torch and
+their packages; they are not re-implemented (Muon only
 chooses the precision of torch's Newton-Schulz iteration, :mod:`multinorm.optim.muon`).
 """
 
