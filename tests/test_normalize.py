@@ -239,6 +239,22 @@ def test_sinkhorn_matches_float64_reference(shape):
     assert (X.norm(dim=1) / math.sqrt(n) - 1).abs().max().item() < 1e-6
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e-30, 1e30])
+@pytest.mark.parametrize("shape", [(40, 56), (7, 3), (3, 7)])
+def test_sinkhorn_of_zero_rows_and_columns_matches_the_literal_form(shape, scale):
+    """A zero row and a zero column stay zero and the rest matches the literal form in float64, at any scale
+    and at widths where n / float32-max is subnormal: their floored factors stay finite (at 2^126), so no
+    inf * 0 appears."""
+    G = gaussian(shape, dtype=torch.float32) * scale
+    G[1], G[:, 2] = 0, 0
+    for L in (1, 5):
+        X = N.sr_sinkhorn(G, L)
+        assert torch.isfinite(X).all()
+        assert (X[1] == 0).all() and (X[:, 2] == 0).all()
+        literal = N.sr_sinkhorn_naive(G.double(), L)
+        assert rel(X.double(), literal) < 1e-5, L
+
+
 def test_sinkhorn_preserves_signs_and_is_invariant_to_diagonal_rescaling():
     G = gaussian((512, 1376), seed=7)
     g = torch.Generator().manual_seed(8)

@@ -496,7 +496,15 @@ def _edge_gradients():
     subnormal_row, huge_row = G.clone(), G.clone()
     subnormal_row[4] *= 1e-25
     huge_row[9] *= 1e25
+    # a zero row and a zero column at a tiny scale: their factors reach the floor (2^126) while the prescale
+    # root is large, so a product of the two factors overflows; and a zero row of a 3-column matrix, whose
+    # floor n / float32-max would be subnormal (its factor then overflowed)
+    zero_cross = G * 1e-30
+    zero_cross[0], zero_cross[:, 5] = 0, 0
+    narrow = G[:, :3].clone()
+    narrow[1] = 0
     return {"plain": G, "zero rows": zero_row, "zero column": zero_col, "tiny row": tiny_row,
+            "zero row and column, scale 1e-30": zero_cross, "3 columns, a zero row": narrow,
             "subnormal row": subnormal_row, "huge row": huge_row, "scale 1e-20": G * 1e-20, "scale 1e18": G * 1e18,
             "all zero": torch.zeros(40, 56), "scale 1e-30": G * 1e-30, "scale 1e30": G * 1e30,
             "one row": G[:1].clone(), "one column": G[:, :1].clone()}
@@ -515,7 +523,7 @@ def test_fused_cpu_step_equals_the_torch_step(case, iters):
         SinkGD([W], lr=0.01, iters=iters, weight_decay=0.1, maximize=case == "plain", fused=fused).step()
         assert torch.equal(W.grad, G)
         results.append(W.detach())
-    assert torch.isfinite(results[0]).all()
+    assert torch.isfinite(results[0]).all() and torch.isfinite(results[1]).all()
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=2e-7)
 
 

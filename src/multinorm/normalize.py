@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "FACTOR_FLOOR",
     "DEFAULT_EPS",
     "NORMALIZERS",
     "row_normalize",
@@ -67,6 +68,10 @@ __all__ = [
 ]
 
 DEFAULT_EPS = 1e-8
+# The smallest denominator, per unit of target, in a Sinkhorn factor update: an exactly-zero row or column
+# (whose floored factor grows by n / eps^2 per iteration) stops at the factor 2^126, exactly, instead of
+# overflowing; its square root 2^63 times any prescale root stays finite, and it multiplies zeros only.
+FACTOR_FLOOR = 2.0 ** -126
 
 Normalizer = Callable[[Tensor], Tensor]
 
@@ -399,7 +404,6 @@ def sinkhorn_square_scalings(A: Tensor, iters: int, eps: float,
     batch = A.shape[:-2]
     A = A.reshape(-1, m, n)  # (b, m, n); u, v are kept as (b, 1, m), (b, 1, n) row vectors for bmm
     At = A.mT
-    big = torch.finfo(A.dtype).max
     # tensor constants: a Python scalar in each vector op costs more than the op itself at these sizes
     eps2, n_t, m_t = (torch.full((), value, dtype=A.dtype, device=A.device) for value in (eps * eps, n, m))
     row_sums = (A.sum(dim=-1) if row_sums is None else row_sums.reshape(-1, m)).unsqueeze(-2)
@@ -412,11 +416,11 @@ def sinkhorn_square_scalings(A: Tensor, iters: int, eps: float,
     for it in range(iters):
         # Row step of the literal form: a row of X = Diag(sqrt u) G Diag(sqrt v) has squared norm
         # u * (kA v) and is multiplied by sqrt(n / max(u * kA v, eps^2)), so u <- n / max(kA v, eps^2 / u).
-        # The denominator's floor n / big keeps the factor of an exactly-zero row finite (it multiplies
-        # zeros only), so no inf or nan can arise.
+        # The denominator's floor (FACTOR_FLOOR) keeps the factor of an exactly-zero row finite, at 2^126
+        # (it multiplies zeros only), so no inf or nan can arise.
         Av = row_sums if it == 0 else torch.bmm(v, At)
-        u = torch.div(n_t, torch.maximum(Av, torch.div(eps2, u)).clamp_(min=n / big))
-        v = torch.div(m_t, torch.maximum(torch.bmm(u, A), torch.div(eps2, v)).clamp_(min=m / big))
+        u = torch.div(n_t, torch.maximum(Av, torch.div(eps2, u)).clamp_(min=n * FACTOR_FLOOR))
+        v = torch.div(m_t, torch.maximum(torch.bmm(u, A), torch.div(eps2, v)).clamp_(min=m * FACTOR_FLOOR))
     return u.sqrt_().reshape(batch + (m,)), v.sqrt_().reshape(batch + (n,))
 
 

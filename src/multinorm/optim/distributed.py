@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..normalize import FACTOR_FLOOR
+
 __all__ = ["Sharding", "local_parts", "all_reduce_packed", "local_abs_max", "global_abs_max", "shard_sizes", "sum_over",
            "sinkhorn_square_scalings_sharded", "gather_full", "local_block",
            "assign_owners", "owner_compute", "owner_compute_replicated"]
@@ -174,15 +176,15 @@ def sinkhorn_square_scalings_sharded(As: Sequence[Tensor], shardings: Sequence[S
         active = [s for s in states if it < s["iters"]]
         sums, axes = [], []
         for s in active:
-            A, At, (eps2, n_t, m_t), big = s["A"], s["At"], s["consts"], torch.finfo(s["A"].dtype).max
+            A, At, (eps2, n_t, m_t) = s["A"], s["At"], s["consts"]
             Av = s["Av"] if it == 0 or s["dim"] == 1 else torch.bmm(s["v"], At)
-            s["u"] = torch.div(n_t, torch.maximum(Av, torch.div(eps2, s["u"])).clamp_(min=s["n"] / big))
+            s["u"] = torch.div(n_t, torch.maximum(Av, torch.div(eps2, s["u"])).clamp_(min=s["n"] * FACTOR_FLOOR))
             ATu = torch.bmm(s["u"], A)
             if s["dim"] == 0:
                 sums.append(ATu)
                 axes.append(-2)
             else:  # the columns are whole here; the next row sums are partial
-                s["v"] = torch.div(m_t, torch.maximum(ATu, torch.div(eps2, s["v"])).clamp_(min=s["m"] / big))
+                s["v"] = torch.div(m_t, torch.maximum(ATu, torch.div(eps2, s["v"])).clamp_(min=s["m"] * FACTOR_FLOOR))
                 if it + 1 < s["iters"]:
                     sums.append(torch.bmm(s["v"], At))
                     axes.append(-1)
@@ -190,8 +192,7 @@ def sinkhorn_square_scalings_sharded(As: Sequence[Tensor], shardings: Sequence[S
         for s, value in zip(pending, sum_over(sums, axes, [s["dim"] for s in pending], group)):
             if s["dim"] == 0:
                 eps2, _, m_t = s["consts"]
-                big = torch.finfo(s["A"].dtype).max
-                s["v"] = torch.div(m_t, torch.maximum(value, torch.div(eps2, s["v"])).clamp_(min=s["m"] / big))
+                s["v"] = torch.div(m_t, torch.maximum(value, torch.div(eps2, s["v"])).clamp_(min=s["m"] * FACTOR_FLOOR))
             else:
                 s["Av"] = value
     return [(s["u"].sqrt().squeeze(-2), s["v"].sqrt().squeeze(-2)) for s in states]

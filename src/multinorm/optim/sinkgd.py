@@ -81,8 +81,8 @@ class SinkGD(StatelessMatrixOptimizer):
     the parameter update, without host synchronisation. With torch operations, the passes over each m x n
     gradient are: one read for its largest entry (an exact power-of-four prescale keeps the squares in range
     for any gradient scale), one writing ``(qG)^2`` into the work buffer (converting a bf16/fp16 gradient on
-    the way), 2L mat-vecs reading ``A = (qG)^2``, one writing the outer product ``r c^T`` over A, and one
-    update ``W <- W (1 - lr wd) - lr (r c^T) * G`` (decay a separate pass when wd > 0): ``(6 + 4L) mn``
+    the way), 2L mat-vecs reading ``A = (qG)^2``, one writing ``Diag(r) G`` over A, and one update
+    ``W <- W (1 - lr wd) - lr (Diag(r) G) Diag(c)`` (decay a separate pass when wd > 0): ``(6 + 4L) mn``
     flops and one m x n fp32 buffer per matrix of the batch; on CPU a matrix larger than the caches is
     updated alone, block of rows by block of rows in the passes that allow it. A float32 matrix on CPU
     (``fused=True``, eager mode) is instead stepped by a compiled loop over its rows
@@ -140,10 +140,11 @@ class SinkGD(StatelessMatrixOptimizer):
         r, c = sinkhorn_square_scalings(A, group["iters"], group["eps"])
         r.mul_(roots)  # the factors of G itself (sqrt(q) into each, so neither overflows)
         c.mul_(roots)
-        # A is spent: it receives the outer products r c^T in one batched op that reads no gradient, and G
-        # is multiplied in on the way into the parameter (one read of G, not two as with Diag(r) G first)
-        torch.mul(r.unsqueeze(-1), c.unsqueeze(-2), out=A)
-        self.apply_updates(group, params, list(A.unbind(0)), factors=grads)
+        # A is spent: it receives Diag(r) G (the one read of G), and c is multiplied in on the way into the
+        # parameter. G goes first: the factors of a zero row or column can be as large as 2^63 sqrt(q), and
+        # the outer product r c^T would overflow where the entry it scales is zero (inf * 0 = nan).
+        rows = [torch.mul(g, ri.unsqueeze(-1), out=a) for g, ri, a in zip(grads, r.unbind(0), A.unbind(0))]
+        self.apply_updates(group, params, rows, factors=list(c.unsqueeze(-2).unbind(0)))
 
     def update_sharded(self, batches: list[ShardedBatch]) -> None:
         """The same step on the local blocks of sharded matrices: the prescale takes each matrix's global

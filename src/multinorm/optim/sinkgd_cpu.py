@@ -100,13 +100,26 @@ os.register_at_fork(after_in_child=_forget_pool)
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
 def _step(G, W, iters, eps2, alpha, decay, u, rows, v, col):  # pragma: no cover (compiled)
-    m, n = G.shape
-    zero, one = np.float32(0.0), np.float32(1.0)
-    big = np.float32(np.finfo(np.float32).max)
-    fm, fn = np.float32(m), np.float32(n)
-    low = fn / big
     # Pass 1 reads G unscaled: row sums of G^2, and from the same cached rows the column sums of iteration 0
     _first_sweep(G, u, rows, col)
+    root = _first_factors(G, u, rows, v, col, eps2)
+    q = root * root
+    for _ in range(1, iters):
+        _sweep(G, q, v, u, col, eps2)
+        _next_v(v, col, eps2, G.shape[0])
+    _final_v(v, root)
+    _update_rows(G, W, u, v, root, alpha, decay)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _first_factors(G, u, rows, v, col, eps2):  # pragma: no cover (compiled)
+    """After :func:`_first_sweep`: the prescale root (returned), iteration 0's row factors u and column
+    factors v, and the column sums of the rows the first sweep could not add (out of range: summed again
+    on qG; rare)."""
+    m, n = G.shape
+    zero, one = np.float32(0.0), np.float32(1.0)
+    fm, fn = np.float32(m), np.float32(n)
+    low = fn * _FLOOR
     root = _prescale_root(G, rows)
     q = root * root
     q2 = q * q
@@ -147,20 +160,42 @@ def _step(G, W, iters, eps2, alpha, decay, u, rows, v, col):  # pragma: no cover
                 x = q * G[i, j]
                 col[j] += ui * (x * x)
     for j in range(n):
-        v[j] = fm / max(col[j], eps2, fm / big)  # v started at 1
-    for _ in range(1, iters):
-        _sweep(G, q, v, u, col, eps2)
-        for j in range(n):
-            v[j] = fm / max(col[j], eps2 / v[j], fm / big)
-    for j in range(n):  # the factors of G itself: sqrt(q) into each
+        v[j] = fm / max(col[j], eps2, fm * _FLOOR)  # v started at 1
+    return root
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _next_v(v, col, eps2, m):  # pragma: no cover (compiled)
+    """The column factors of an m-row matrix from the column sums of an iteration, floored relative to the
+    previous factors."""
+    fm = np.float32(m)
+    low = fm * _FLOOR
+    for j in range(v.shape[0]):
+        v[j] = fm / max(col[j], eps2 / v[j], low)
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _final_v(v, root):  # pragma: no cover (compiled)
+    """The column factors of G itself: sqrt(q) into each."""
+    for j in range(v.shape[0]):
         v[j] = np.sqrt(v[j]) * root
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _update_rows(G, W, u, v, root, alpha, decay):  # pragma: no cover (compiled)
+    """``W <- W decay + alpha Diag(sqrt(u) root) G Diag(v)``, row by row (v already :func:`_final_v`). G is
+    multiplied first: the factors of a zero row or column can be as large as 2^63 root, and their product
+    would overflow where the entry they scale is zero."""
+    m, n = G.shape
     for i in range(m):
         ri = alpha * (np.sqrt(u[i]) * root)
         for j in range(n):
-            W[i, j] = W[i, j] * decay + ri * v[j] * G[i, j]
+            W[i, j] = W[i, j] * decay + (ri * G[i, j]) * v[j]
 
 
 _LOW, _HIGH = np.float32(2.0 ** -100), np.float32(2.0 ** 100)
+# the smallest denominator of a factor update, per target unit (normalize.FACTOR_FLOOR)
+_FLOOR = np.float32(2.0 ** -126)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -245,7 +280,7 @@ def _sweep(G, q, v, u, col, eps2):  # pragma: no cover (compiled)
     m, n = G.shape
     zero = np.float32(0.0)
     fn = np.float32(n)
-    low = fn / np.float32(np.finfo(np.float32).max)
+    low = fn * _FLOOR
     for j in range(n):
         col[j] = zero
     tail = m - m % 4
