@@ -96,7 +96,19 @@ def test_traffic_counts_the_passes_of_each_method():
     assert bench.traffic("sinkgd", [p32])[0] == (5 * 4 + 4 + 8) * 100
     assert bench.traffic("sinkgd", [pbf])[0] == (5 * 2 + 2 + 4) * 100
     assert "5 grad reads" in bench.traffic("sinkgd", [p32])[1]
+    assert bench.traffic("sinkgd", [p32]).read_only == 5 * 4 * 100 and bench.traffic("sgd", [p32]).read_only == 0
     assert bench.traffic("swan", [p32]) is None
+
+
+def test_bandwidth_floor_counts_read_only_passes_at_the_read_rate():
+    machine = {"read": 10e9, "copy": 12e9, "axpy": 20e9}
+    sinkgd = bench.Traffic(bytes=800, accounting="", read_only=500)
+    seconds, stream = bench.bandwidth_floor(sinkgd, machine)
+    assert seconds == pytest.approx(500 / 10e9 + 300 / 20e9)
+    assert stream == "read (read-only passes), axpy (the rest)"
+    assert bench.bandwidth_floor(bench.Traffic(700, ""), machine) == (pytest.approx(700 / 20e9), "axpy")
+    # a machine measured without the read stream: everything at the best one
+    assert bench.bandwidth_floor(sinkgd, {"axpy": 20e9})[0] == pytest.approx(800 / 20e9)
 
 
 def test_slow_methods_are_skipped_or_timed_by_one_step(monkeypatch):
@@ -259,6 +271,14 @@ def test_bandwidth_bound_divides_sinkgds_floor_by_the_adamw_fused_step():
     shown = bandwidth.assign(bytes=1e6, achieved_gbs=1.0, machine_gbs=2.0, fraction=0.5)
     text = summary_markdown(_tables() | {"bandwidth": shown}, evaluate_targets(_tables()), {})
     assert "block-1b cpu float32: 0.47; micro cpu float32: 0.60" in text
+    # rows at two thread counts: one bound each, said with its threads
+    both = pd.concat([bandwidth.assign(threads=1), bandwidth.assign(threads=2, step_ms=bandwidth["step_ms"] / 2)])
+    bound = bandwidth_bound(both).set_index(["setting", "threads"])["floor_ratio"]
+    assert bound.to_dict() == pytest.approx({("block-1b", 1): 190 / 400, ("block-1b", 2): 190 / 200,
+                                             ("micro", 1): 12 / 20, ("micro", 2): 12 / 10})
+    shown = both.assign(bytes=1e6, achieved_gbs=1.0, machine_gbs=2.0, fraction=0.5)
+    text = summary_markdown(_tables() | {"bandwidth": shown}, evaluate_targets(_tables()), {})
+    assert "block-1b cpu float32, 1 thread: 0.47; micro cpu float32, 1 thread: 0.60; block-1b cpu float32, 2 threads: 0.95" in text
 
 
 # ------------------------------------------------------------------------------------------------------------

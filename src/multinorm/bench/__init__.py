@@ -19,9 +19,10 @@ skips that pass). Files in ``--out``:
 * ``compute_floor.csv`` -- SWAN's step against its compute floor: the matmul FLOPs of its whitening
   divided by the fp32 matmul rate of this machine, measured in the same rounds on a square matmul of
   the matrices' smaller side;
-* ``bandwidth.csv`` -- bytes a step must move (AdamW: 7 tensor passes; SGD: 3; SinkGD: its passes over
-  the gradient and the squared gradient), the bandwidth the step achieves, and the floor time at the
-  memory bandwidth of this machine, measured in the same process;
+* ``bandwidth.csv`` -- bytes a step must move (AdamW: 7 tensor passes; SGD: 3; SinkGD: one read of the
+  gradient per Sinkhorn iteration and the update's three passes), the bandwidth the step achieves, and the
+  floor time at the memory bandwidth of this machine, measured in the same process (read-only passes at the
+  read stream's rate, the others at the best stream's);
 * ``train_throughput.csv`` -- tokens/s of ``nano`` training steps (studies' defaults: batch 8 x 256
   tokens, vocabulary 1024) for AdamW, SinkGD and SWAN, interleaved, with the ratio to AdamW (median,
   min-max and 95 % interval over rounds) and the time of each step's optimizer phase against AdamW's;
@@ -38,8 +39,8 @@ skips that pass). Files in ``--out``:
 
 from .cli import main, parse_args
 from .measure import HostSyncCounter, count_host_syncs, interleave, peak_extra_bytes, ratio_summary
-from .steps import BLOCK_1B_SHAPES, swan_flops, traffic
+from .steps import BLOCK_1B_SHAPES, Traffic, bandwidth_floor, swan_flops, traffic
 from .targets import TARGETS, evaluate_targets
 
 __all__ = ["main", "parse_args", "HostSyncCounter", "count_host_syncs", "interleave", "peak_extra_bytes",
-           "ratio_summary", "BLOCK_1B_SHAPES", "swan_flops", "traffic", "TARGETS", "evaluate_targets"]
+           "ratio_summary", "BLOCK_1B_SHAPES", "swan_flops", "Traffic", "traffic", "bandwidth_floor", "TARGETS", "evaluate_targets"]

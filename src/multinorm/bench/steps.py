@@ -18,10 +18,13 @@ same matrices; each method is timed in alternation with it (see :mod:`multinorm.
 Floors. SWAN is compute bound: its floor is the matmul FLOPs of its whitening (:func:`swan_flops`) at the
 fp32 matmul rate of this machine, measured in the same rounds on a square matmul of the matrices'
 median smaller side. AdamW, SGD and SinkGD are memory bound: their floor is the bytes a step must move
-(:func:`traffic`) at the best memory bandwidth measured at the same thread count
-(:func:`multinorm.bench.measure.memory_bandwidth`). ``fraction`` is the achieved share of that
-bandwidth; it can exceed 1 when a step's kernels keep more streams in flight than the simple streams
-do, so the bandwidth floor is an estimate, not a strict bound.
+(:func:`traffic`) at the memory bandwidth measured at the same thread count
+(:func:`multinorm.bench.measure.memory_bandwidth`, :func:`bandwidth_floor`): passes that only read (SinkGD's
+gradient reads) at the ``read`` stream's rate, every other pass at the best stream's. On one core a
+read-only stream is the slower one (fewer misses in flight without writes), so the floor of a step that
+mostly reads is higher than its bytes at the best stream. ``fraction`` is the floor's share of the step
+(achieved over floor bandwidth); it can exceed 1 when a step's kernels keep more streams in flight than
+the simple streams do, so the floor is an estimate, not a strict bound.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import pandas as pd
 import torch
@@ -41,7 +45,7 @@ from .measure import (HostSyncCounter, interleave, matmul_callable, peak_extra_b
 
 __all__ = ["BLOCK_1B_SHAPES", "SETTINGS", "GPU_SETTINGS", "reference", "method_names", "setting_shapes",
            "random_params", "make_params", "make_optimizer", "predicted_step", "swan_flops", "COMPUTE_FLOORS",
-           "traffic", "bench_setting", "unmeasured_rows", "STEP_COLUMNS", "FLOOR_COLUMNS", "BANDWIDTH_COLUMNS"]
+           "Traffic", "traffic", "bandwidth_floor", "bench_setting", "unmeasured_rows", "STEP_COLUMNS", "FLOOR_COLUMNS", "BANDWIDTH_COLUMNS"]
 
 BLOCK_1B_SHAPES = {
     "q_proj": (2048, 2048), "k_proj": (2048, 2048), "v_proj": (2048, 2048), "o_proj": (2048, 2048),
@@ -175,7 +179,17 @@ COMPUTE_FLOORS: dict[str, Callable[[Sequence[tuple[int, int]]], float]] = {
 }
 
 
-def traffic(method: str, params: Sequence[torch.Tensor]) -> tuple[int, str] | None:
+class Traffic(NamedTuple):
+    """The bytes a step must move at least (``bytes``), the accounting in words, and how many of the bytes
+    are passes that only read (``read_only``: SinkGD's gradient reads; a core streams those more slowly
+    than read-and-write passes, whose writes keep more misses in flight)."""
+
+    bytes: int
+    accounting: str
+    read_only: int = 0
+
+
+def traffic(method: str, params: Sequence[torch.Tensor]) -> Traffic | None:
     """Bytes that a step of ``method`` must move through memory at least, and the accounting; None for a
     method without one. AdamW (any variant) and SGD stream their tensors once; SinkGD reads the gradient once
     per Sinkhorn iteration (each row gives its factor and then, still cached, its share of the column sums;
@@ -186,7 +200,7 @@ def traffic(method: str, params: Sequence[torch.Tensor]) -> tuple[int, str] | No
     if kind not in ("adamw", "sgd", "sinkgd"):
         return None
     iters = OPTIMIZERS["sinkgd"].defaults["iters"]
-    total = 0
+    total = reads = 0
     for p in params:
         w = p.element_size()
         g = p.grad.element_size() if p.grad is not None else w
@@ -194,11 +208,23 @@ def traffic(method: str, params: Sequence[torch.Tensor]) -> tuple[int, str] | No
                "sgd": g + 2 * w,
                "sinkgd": iters * g + (g + 2 * w)}[kind]
         total += per * p.numel()
+        reads += (iters * g if kind == "sinkgd" else 0) * p.numel()
     text = {"adamw": "7 passes: param r+w, grad r, exp_avg r+w, exp_avg_sq r+w",
             "sgd": "3 passes: grad r, param r+w",
             "sinkgd": f"{iters} grad reads (L={iters}: one per Sinkhorn iteration); "
                       "grad r + param r+w (update applied in place)"}[kind]
-    return total, text
+    return Traffic(total, text, reads)
+
+
+def bandwidth_floor(moved: Traffic, machine_bandwidth: dict[str, float]) -> tuple[float, str]:
+    """Seconds the bytes of ``moved`` take at least, and the streams used: its read-only passes at the
+    machine's ``read`` bandwidth, the rest at its best stream (a step that only reads cannot stream faster
+    than a sum does)."""
+    stream, best = max(machine_bandwidth.items(), key=lambda kv: kv[1])
+    if not moved.read_only or "read" not in machine_bandwidth:
+        return moved.bytes / best, stream
+    seconds = moved.read_only / machine_bandwidth["read"] + (moved.bytes - moved.read_only) / best
+    return seconds, f"read (read-only passes), {stream} (the rest)"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -334,13 +360,12 @@ def _bench_method(name: str, ref: str, ref_opt: torch.optim.Optimizer, params: l
             **ratio_summary(times, name, "matmul", scale=mm_flops / flops)})
     moved = traffic(name, params)
     if moved is not None and machine_bandwidth:
-        nbytes, text = moved
-        stream, bw = max(machine_bandwidth.items(), key=lambda kv: kv[1])
-        achieved = nbytes / (mine["median"] / 1e3)
+        floor, stream = bandwidth_floor(moved, machine_bandwidth)
+        achieved, bw = moved.bytes / (mine["median"] / 1e3), moved.bytes / floor
         out["bandwidth"].append({
-            "method": name, "accounting": text, "bytes": nbytes, "step_ms": mine["median"],
+            "method": name, "accounting": moved.accounting, "bytes": moved.bytes, "step_ms": mine["median"],
             "achieved_gbs": achieved / 1e9, "machine_gbs": bw / 1e9, "machine_stream": stream,
-            "fraction": achieved / bw, "floor_ms": 1e3 * nbytes / bw})
+            "fraction": achieved / bw, "floor_ms": 1e3 * floor})
     return out
 
 

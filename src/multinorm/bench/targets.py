@@ -127,9 +127,10 @@ def _fmt(value, spec: str) -> str:
 
 
 def bandwidth_bound(bandwidth: pd.DataFrame) -> pd.DataFrame:
-    """Per setting, SinkGD's bandwidth floor (its bytes at the machine's measured bandwidth) divided by the
-    measured AdamW(fused) step: the lowest step ratio the SinkGD step's memory traffic permits."""
-    keys = ["setting", "device", "dtype"]
+    """Per setting (and thread count, where recorded), SinkGD's bandwidth floor (its bytes at the machine's
+    measured bandwidth) divided by the measured AdamW(fused) step: the lowest step ratio the SinkGD step's
+    memory traffic permits."""
+    keys = ["setting", "device", "dtype"] + (["threads"] if "threads" in bandwidth else [])
     sink = bandwidth[bandwidth["method"] == "sinkgd"].set_index(keys)["floor_ms"]
     adam = bandwidth[bandwidth["method"] == "adamw-fused"].set_index(keys)["step_ms"]
     joined = pd.concat({"sinkgd_floor_ms": sink, "adamw_fused_ms": adam}, axis=1).dropna()
@@ -182,16 +183,18 @@ def summary_markdown(tables: Mapping[str, pd.DataFrame], targets: pd.DataFrame, 
         shown = bandwidth.assign(MB=bandwidth["bytes"] / 1e6)[
             ["setting", "device", "dtype", "method", "MB", "step_ms", "floor_ms", "achieved_gbs", "machine_gbs",
              "fraction"]]
-        lines += ["**Bytes a step must move** (floor_ms: those bytes at the best memory bandwidth measured with the "
-                  "same threads, machine_gbs; the accounting is in bandwidth.csv)\n", _table(shown), ""]
+        lines += ["**Bytes a step must move** (floor_ms: those bytes at the memory bandwidth measured with the "
+                  "same threads, read-only passes at the read stream's rate and the rest at the best stream's; "
+                  "machine_gbs: the bytes over floor_ms; the accounting is in bandwidth.csv)\n", _table(shown), ""]
         bound = bandwidth_bound(bandwidth)
         if not bound.empty:
-            parts = [f"{r.setting} {r.device} {r.dtype}: {r.floor_ratio:.2f}" for r in bound.itertuples()]
+            parts = [f"{r.setting} {r.device} {r.dtype}{_threads(r._asdict())}: {r.floor_ratio:.2f}"
+                     for r in bound.itertuples()]
             lines += ["**What the bytes allow.** SinkGD's floor as a fraction of the AdamW(fused) step ("
                       + "; ".join(parts) + "): the fewest bytes SinkGD can move (one read of the gradient per "
-                      "SR-Sinkhorn iteration, as its fused CPU loop does; bandwidth.csv), at the machine's bandwidth. "
-                      "No implementation brings the step ratio below it; the step's `fraction` says how close this "
-                      "one comes.", ""]
+                      "SR-Sinkhorn iteration, as its fused CPU loop does; bandwidth.csv), its read-only passes at "
+                      "the machine's read bandwidth and the update at its best stream. No implementation brings "
+                      "the step ratio below it; the step's `fraction` says how close this one comes.", ""]
     throughput = tables.get("train_throughput")
     if throughput is not None and not throughput.empty:
         parts = [f"{r.device} {r.dtype}{_threads(r._asdict())} {r.optimizer} {r.tokens_per_s:,.0f} "

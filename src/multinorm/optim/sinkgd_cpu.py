@@ -6,14 +6,19 @@ needs ``G`` only once per iteration: row i's sum ``(A v)_i`` gives its new facto
 is still in cache it adds ``u_i A_i`` to the column sums. Iteration 0 needs no prescale q: its share
 ``u_i (qG_ij)^2 = n G_ij^2 / sum_j G_ij^2`` is scale-free, so it reads G unscaled, and q (a power of four)
 comes from its row sums afterwards. Reads of G: L for the iterations and one for the update, which writes the
-weight in the same pass. No m x n buffer is allocated: the transient memory is four vectors. (Rows whose raw
+weight in the same pass. No m x n buffer is allocated: the transient memory is four vectors (and one row of
+column sums per block for a matrix stepped by blocks of rows, below). (Rows whose raw
 sum of squares leaves [2^-100, 2^100], i.e. a gradient near float32's under- or overflow, are summed again on
 qG, and the column sums with them when such a row had already contributed: a rare extra read.)
 
-Threads: a batch of same-shape matrices is split over ``torch.get_num_threads()`` threads (the loop releases
-the GIL), each stepping whole matrices with its own work vectors, so a matrix's numbers do not depend on the
-thread count; one matrix runs on one core. The loop is written for the one-thread case (``make bench``, and the
-studies' one-thread worker processes), where its passes are limited by arithmetic about as much as by memory.
+Threads: a batch of same-shape matrices is dealt out whole to ``torch.get_num_threads()`` threads (the loop
+releases the GIL), each stepping its matrices with its own work vectors. A matrix larger than
+``BLOCK_ENTRIES`` is stepped by blocks of rows (:func:`row_blocks`), each block summing its share of the
+column sums apart, added in block order after each sweep; when there are fewer such matrices than threads
+(the 1B block's single down projection), the blocks of one matrix are spread over all threads. How a matrix
+is split depends on its shape only, so its numbers do not depend on the thread count. A single core's
+passes are limited by how fast it streams reads (a read-only stream is slower than one that also writes,
+``make bench``'s ``bandwidth.csv``), and by arithmetic where the matrices sit in cache.
 
 The arithmetic is :func:`multinorm.normalize.sinkhorn_square_scalings`' in float32, step for step (the
 same floors and update; the prescale, an exact power of four, may differ by a factor that cancels); sums are
@@ -32,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["usable", "sinkgd_matrix_step"]
+__all__ = ["usable", "sinkgd_matrix_step", "row_blocks", "BLOCK_ENTRIES"]
 
 # reassociation lets LLVM vectorise the sums; no finite-math assumption, so a nan/inf gradient propagates
 # as it does through torch's operations
@@ -46,33 +51,101 @@ def usable(param: Tensor, grad: Tensor) -> bool:
             and not torch.compiler.is_compiling())
 
 
+# A matrix of more entries than this is stepped in blocks of rows (row_blocks): 4 MiB of float32, so that a
+# 1B model's 2048 x 5461 matrix gives its threads 11 blocks, while every matrix of the small models is one.
+BLOCK_ENTRIES = 1 << 20
+
+
+def row_blocks(m: int, n: int, block_entries: int) -> list[tuple[int, int]]:
+    """The row ranges [a, b) in which an m x n matrix is stepped: one for a matrix of at most ``block_entries``
+    entries, else about ``m n / block_entries`` ranges of equal size (a multiple of 4 rows, the sweeps' unit).
+    A function of the shape only, so the numbers of a step do not depend on how many threads run it."""
+    k = min(-(-m * n // block_entries), -(-m // 4))
+    if k <= 1:
+        return [(0, m)]
+    size = -(-m // k)
+    size += -size % 4
+    return [(a, min(a + size, m)) for a in range(0, m, size)]
+
+
 def sinkgd_matrix_step(params: list[Tensor], grads: list[Tensor], iters: int, eps: float, lr: float,
-                       weight_decay: float, maximize: bool, threads: int | None = None) -> None:
+                       weight_decay: float, maximize: bool, threads: int | None = None,
+                       block_entries: int | None = None) -> None:
     """``W <- W (1 - lr wd) -/+ lr SR-Sinkhorn(G)`` in place, for each of a list of same-shape matrices
-    (:func:`usable`): the list split over ``threads`` threads (default ``torch.get_num_threads()``; never more
-    than there are matrices), each stepping its share one matrix after the other. Every matrix gets the same
-    numbers, bit for bit, at any thread count."""
-    threads = torch.get_num_threads() if threads is None else threads
+    (:func:`usable`), on ``threads`` threads (default ``torch.get_num_threads()``).
+
+    Whole matrices are dealt out to the threads, each stepping its share one matrix after the other; the
+    matrices left over when there are fewer than threads (a single large matrix, say) are each stepped by
+    all threads at once, block of rows by block of rows (:func:`row_blocks`; every block keeps its own
+    column sums, added in block order after each sweep). Every matrix gets the same numbers, bit for bit,
+    at any thread count: how a matrix is split depends on its shape only."""
+    threads = max(1, torch.get_num_threads() if threads is None else threads)
     pairs = [(grad.numpy(), param.detach().numpy()) for param, grad in zip(params, grads)]
     scalars = (np.float32(eps * eps), np.float32(lr if maximize else -lr), np.float32(1.0 - lr * weight_decay))
-    shares = [pairs[k::threads] for k in range(min(max(threads, 1), len(pairs)))]
-    if len(shares) == 1:
-        _step_share(shares[0], iters, scalars)
-        return
-    futures = [_pool(len(shares) - 1).submit(_step_share, share, iters, scalars) for share in shares[1:]]
-    _step_share(shares[0], iters, scalars)
-    for future in futures:
-        future.result()
+    blocks = row_blocks(*pairs[0][0].shape, BLOCK_ENTRIES if block_entries is None else block_entries)
+    whole = len(pairs) - len(pairs) % threads if len(blocks) > 1 else len(pairs)
+    shares = [pairs[k:whole:threads] for k in range(min(threads, whole))]
+    if len(shares) > 1:
+        futures = [_pool(len(shares) - 1).submit(_step_share, share, iters, scalars, blocks) for share in shares[1:]]
+        _step_share(shares[0], iters, scalars, blocks)
+        for future in futures:
+            future.result()
+    elif shares:
+        _step_share(shares[0], iters, scalars, blocks)
+    for G, W in pairs[whole:]:  # fewer large matrices than threads: each on all of them
+        _step_blocked(G, W, iters, scalars, blocks, _work(G.shape, len(blocks)), threads)
 
 
-def _step_share(pairs: list[tuple[np.ndarray, np.ndarray]], iters: int, scalars: tuple) -> None:
-    m, n = pairs[0][0].shape
-    # four separate allocations (LLVM vectorises loops over arrays it cannot prove overlapping less well), made
-    # by torch so that memory probes see them, and shared by the share's matrices: at the small sizes of a debug
-    # model the allocations and conversions cost as much as the loop itself
+def _work(shape: tuple[int, int], nblocks: int) -> tuple[np.ndarray, ...]:
+    # separate allocations (LLVM vectorises loops over arrays it cannot prove overlapping less well), made by
+    # torch so that memory probes see them, shared by the matrices a thread steps: at the small sizes of a
+    # debug model the allocations and conversions cost as much as the loop itself. ``parts``: one row of
+    # column sums per block of rows (none for a matrix stepped whole)
+    m, n = shape
     u, rows, v, col = (torch.empty(size, dtype=torch.float32).numpy() for size in (m, m, n, n))
+    parts = torch.empty((nblocks if nblocks > 1 else 0, n), dtype=torch.float32).numpy()
+    return u, rows, v, col, parts
+
+
+def _step_share(pairs: list[tuple[np.ndarray, np.ndarray]], iters: int, scalars: tuple,
+                blocks: list[tuple[int, int]]) -> None:
+    work = _work(pairs[0][0].shape, len(blocks))
     for G, W in pairs:
-        _step(G, W, iters, *scalars, u, rows, v, col)
+        if len(blocks) == 1:
+            _step(G, W, iters, *scalars, *work[:4])
+        else:
+            _step_blocked(G, W, iters, scalars, blocks, work, 1)
+
+
+def _step_blocked(G: np.ndarray, W: np.ndarray, iters: int, scalars: tuple, blocks: list[tuple[int, int]],
+                  work: tuple[np.ndarray, ...], threads: int) -> None:
+    """:func:`_step` by blocks of rows, the blocks of each sweep spread over ``threads`` threads: each block
+    sums its rows' shares into its own row of ``parts``, which are added in block order between sweeps."""
+    eps2, alpha, decay = scalars
+    u, rows, v, col, parts = work
+
+    def each_block(kernel, *args):
+        def share(first: int) -> None:
+            for k in range(first, len(blocks), threads):
+                kernel(k, *blocks[k], *args)
+
+        if threads == 1:
+            return share(0)
+        futures = [_pool(threads - 1).submit(share, t) for t in range(1, min(threads, len(blocks)))]
+        share(0)
+        for future in futures:
+            future.result()
+
+    each_block(lambda k, a, b: _first_sweep(G[a:b], u[a:b], rows[a:b], parts[k]))
+    _sum_parts(parts, col)
+    root = np.float32(_first_factors(G, u, rows, v, col, eps2))  # numba hands back a Python float
+    q = root * root
+    for _ in range(1, iters):
+        each_block(lambda k, a, b: _sweep(G[a:b], q, v, u[a:b], parts[k], eps2))
+        _sum_parts(parts, col)
+        _next_v(v, col, eps2, G.shape[0])
+    _final_v(v, root)
+    each_block(lambda k, a, b: _update_rows(G[a:b], W[a:b], u[a:b], v, root, alpha, decay))
 
 
 _POOL: tuple[ThreadPoolExecutor, int] | None = None  # (the executor, its number of threads)
@@ -162,6 +235,16 @@ def _first_factors(G, u, rows, v, col, eps2):  # pragma: no cover (compiled)
     for j in range(n):
         v[j] = fm / max(col[j], eps2, fm * _FLOOR)  # v started at 1
     return root
+
+
+@numba.njit(cache=True, nogil=True, fastmath=_FAST)
+def _sum_parts(parts, col):  # pragma: no cover (compiled)
+    """``col = sum_k parts[k]``, in block order."""
+    for j in range(col.shape[0]):
+        col[j] = parts[0, j]
+    for k in range(1, parts.shape[0]):
+        for j in range(col.shape[0]):
+            col[j] += parts[k, j]
 
 
 @numba.njit(cache=True, nogil=True, fastmath=_FAST)
