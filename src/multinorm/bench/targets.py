@@ -55,7 +55,7 @@ TARGETS = (
              {"setting": setting, **_CPU, "threading": threading, "method": "sinkgd", "baseline": "adamw-fused"},
              "ratio", "<=", 1.2)
       for threading in _THREADINGS for setting, label in _SETTINGS.items()),
-    *(Target(f"SinkGD step's share of the machine's memory bandwidth, {label}, CPU fp32, {threading}", "bandwidth",
+    *(Target(f"SinkGD step's share of the machine's memory bandwidth (its reads at the read rate), {label}, CPU fp32, {threading}", "bandwidth",
              {"setting": setting, **_CPU, "threading": threading, "method": "sinkgd"}, "fraction", ">=", 0.85)
       for threading in _THREADINGS for setting, label in _SETTINGS.items()),
     Target("SWAN step / its compute floor, micro hidden matrices, CPU fp32", "compute_floor",
