@@ -71,3 +71,17 @@ def test_seed_speedups_pair_by_seed_and_mark_bounds():
     assert fast.speedup.tolist() == pytest.approx([1.5, 1.5], rel=0.02)
     slow = seed_speedups(result, "slow", "adamw")
     assert slow.censored.all() and (slow.speedup <= 1.0).all()
+
+
+def test_campaign_time_text_counts_the_campaigns_own_runs_against_its_budget():
+    from multinorm.studies.scaling import campaign_time_text
+
+    times = pd.DataFrame({"study": ["convergence", "scaling", "scaling_probe"], "runs": [86, 40, 4],
+                          "core_hours": [13.9, 20.0, 1.0], "hours": [6.95, 10.0, 0.5]})
+    partial = campaign_time_text(times, complete=False)
+    assert partial.startswith("The scaling campaign has taken 21.0 core-hours over 44 runs")
+    assert "10.5 hours of a 2-core machine so far, of the 12 it was planned for;" in partial
+    done = campaign_time_text(times.assign(core_hours=[13.9, 29.0, 1.0]), complete=True)
+    assert "30.0 core-hours over 44 runs" in done and "3.0 hours over the 12 it was planned for." in done
+    assert "already 3.0 over" in campaign_time_text(times.assign(core_hours=[13.9, 29.0, 1.0]), complete=False)
+    assert "within the 12 it was planned for" in campaign_time_text(times, complete=True)

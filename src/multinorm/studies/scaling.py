@@ -41,10 +41,15 @@ from multinorm.studies.stats import token_speedup
 from multinorm.train import TrainConfig
 
 __all__ = ["Cell", "cell_config", "centred_grid", "runs_dir_of", "ScalingStudy", "CellResult", "cell_rows",
-           "seed_speedups", "trend", "TREND_MARGIN", "EXPLANATIONS"]
+           "seed_speedups", "trend", "TREND_MARGIN", "EXPLANATIONS", "CAMPAIGN_BUDGET_HOURS", "CAMPAIGN_STUDIES",
+           "campaign_time_text"]
 
 # "flat": the slope's interval lies within this factor per doubling of the axis.
 TREND_MARGIN = 1.05
+# The campaign's planned cost, in hours of a 2-core machine, and the run folders that are its own: the base
+# cell's runs are notebook 02's (results/runs/convergence) and are not counted again.
+CAMPAIGN_BUDGET_HOURS = 12.0
+CAMPAIGN_STUDIES = ("scaling", "scaling_probe")
 
 
 @dataclass(frozen=True)
@@ -234,3 +239,22 @@ def trend(x: Sequence[float], speedups: Sequence[float], claim: float | None,
         word = "undecided"
     return {"slope": math.exp(fit.slope), "slope_low": math.exp(low), "slope_high": math.exp(high), "n": len(x),
             "trend": word}
+
+
+def campaign_time_text(run_times: pd.DataFrame, complete: bool, budget_hours: float = CAMPAIGN_BUDGET_HOURS,
+                       cores: int = 2) -> str:
+    """A sentence on what the scaling campaign's own runs cost (:data:`CAMPAIGN_STUDIES` rows of
+    :func:`multinorm.studies.runner.run_time_table`) against its planned budget of ``budget_hours`` on a
+    ``cores``-core machine: so far, while cells are missing, or in all once ``complete``."""
+    rows = run_times[run_times["study"].isin(CAMPAIGN_STUDIES)]
+    core_hours, runs = float(rows["core_hours"].sum()), int(rows["runs"].sum())
+    hours = core_hours / cores
+    what = (f"{core_hours:.1f} core-hours over {runs} runs (its probe included; the base cell's runs are "
+            f"notebook 02's), {hours:.1f} hours of a {cores}-core machine")
+    if complete:
+        against = (f"{hours - budget_hours:.1f} hours over the {budget_hours:g} it was planned for"
+                   if hours > budget_hours else f"within the {budget_hours:g} it was planned for")
+        return f"The scaling campaign took {what}: {against}."
+    over = f", already {hours - budget_hours:.1f} over" if hours > budget_hours else ""
+    return (f"The scaling campaign has taken {what} so far, of the {budget_hours:g} it was planned for{over}; "
+            "the cells above that are not recorded yet will add to it.")
