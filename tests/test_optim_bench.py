@@ -325,7 +325,9 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     assert (one["ratio_min"] <= one["ratio"]).all() and (one["ratio"] <= one["ratio_max"]).all()
     assert (cpu.loc[cpu["method"] == "adamw-fused", "ratio"] == 1).all()
     assert (cpu.loc[cpu["method"] == "sinkgd", "state_bytes"] == 0).all()
-    assert (cpu["host_syncs"] >= 0).all()
+    # a row is measured, or says why not (a busy machine can push a method's predicted step over the limit)
+    assert ((cpu["host_syncs"] >= 0) | cpu["note"].fillna("").str.startswith("skipped")).all()
+    assert (cpu[cpu["threads"] == 1]["host_syncs"] >= 0).all()
     if not torch.cuda.is_available():
         assert (step.loc[step["device"] == "cuda", "note"] == "not measured: no CUDA device").all()
     assert set(tables["compute_floor"]["method"]) == {"swan"}
