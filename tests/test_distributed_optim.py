@@ -14,13 +14,22 @@ from distributed_helpers import spawn
 pytestmark = pytest.mark.slow
 
 # (global shape, shard dim): uneven rows (5 over 2 ranks: 3 + 2; 1 row: 1 + 0, an empty shard), columns
-SHAPES = [((5, 4), 0), ((7, 3), 0), ((1, 4), 0), ((6, 5), 1), ((4, 3), 1), ((3, 2, 3), 0), ((4, 3, 3), 1)]
+SHAPES = [((5, 4), 0), ((7, 3), 0), ((1, 4), 0), ((6, 5), 1), ((4, 3), 1), ((3, 2, 3), 0), ((4, 3, 3), 1),
+          ((9, 3), 0), ((6, 7), 1)]
+# the last two: a zero row and a zero column at a tiny scale (SinkGD's factors of both reach their floor)
+ZEROED = {7: (2, slice(None)), 8: (slice(None), 3)}
 
 
 def _params(seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 10.0 ** (i % 3 - 1), dim)
-            for i, (shape, dim) in enumerate(SHAPES)]
+    out = []
+    for i, (shape, dim) in enumerate(SHAPES):
+        w, g = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 10.0 ** (i % 3 - 1)
+        if i in ZEROED:
+            g[ZEROED[i]] = 0
+            g *= 1e-30
+        out.append((w, g, dim))
+    return out
 
 
 def _make(name: str, params, **kw):
