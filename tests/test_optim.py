@@ -557,7 +557,8 @@ def test_fused_cpu_step_gives_the_same_bits_at_any_thread_count(threads):
     results = []
     for t in (1, threads):
         params = [torch.linspace(-1, 1, G.numel()).reshape(G.shape) for G in grads]
-        sinkgd_cpu.sinkgd_matrix_step(params, [G.clone() for G in grads], 5, 1e-8, 0.01, 0.1, False, threads=t)
+        sinkgd_cpu.sinkgd_matrix_step(params, [G.clone() for G in grads], 5, 1e-8, 0.01, 0.1, False, threads=t,
+                                      min_share_entries=1)
         results.append(params)
     for a, b in zip(*results):
         assert torch.equal(a, b)
@@ -590,7 +591,7 @@ def test_fused_cpu_step_by_blocks_of_rows_gives_the_same_bits_at_any_thread_coun
         for t in (1, 2, 3, 16):
             params = [torch.linspace(-1, 1, G.numel()).reshape(G.shape) for G in grads]
             sinkgd_cpu.sinkgd_matrix_step(params, [G.clone() for G in grads], 5, 1e-8, 0.01, 0.1, False, threads=t,
-                                          block_entries=500)
+                                          block_entries=500, min_share_entries=1)
             results.append(params)
         for other in results[1:]:
             for a, b in zip(results[0], other):
@@ -601,6 +602,22 @@ def test_fused_cpu_step_by_blocks_of_rows_gives_the_same_bits_at_any_thread_coun
             SinkGD([ref], lr=0.01, weight_decay=0.1, fused=False).step()
             assert torch.isfinite(W).all()
             torch.testing.assert_close(W, ref.detach(), rtol=0, atol=2e-7)
+
+
+def test_fused_cpu_step_wakes_a_helper_thread_only_for_a_large_enough_batch(monkeypatch):
+    """A batch is handed to helper threads only for every MIN_SHARE_ENTRIES entries it holds: a `nano` batch
+    (16 matrices of 128 x 128, a quarter of a million entries) stays on the calling thread."""
+    from multinorm.optim import sinkgd_cpu
+
+    used = []
+    real = sinkgd_cpu._pool
+    monkeypatch.setattr(sinkgd_cpu, "_pool", lambda workers: used.append(workers) or real(workers))
+    for count, side, expected in [(16, 128, []), (16, 256, [1]), (2, 64, [])]:
+        used.clear()
+        W, G = torch.zeros(count, side, side), torch.randn(count, side, side)
+        sinkgd_cpu.sinkgd_matrix_step(list(W), list(G), 5, 1e-8, 0.01, 0.0, False, threads=2)
+        assert used == expected, (count, side)
+        assert not torch.equal(W, torch.zeros_like(W))  # it stepped
 
 
 def test_fused_cpu_step_propagates_a_nan_gradient():
@@ -755,7 +772,8 @@ def test_fused_cpu_step_in_a_forked_child_starts_its_own_threads():
 
     def step(threads):
         W, G = torch.zeros(4, 8, 8), torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
-        sinkgd_cpu.sinkgd_matrix_step(list(W), list(G), 5, 1e-8, 0.01, 0.0, False, threads=threads)
+        sinkgd_cpu.sinkgd_matrix_step(list(W), list(G), 5, 1e-8, 0.01, 0.0, False, threads=threads,
+                                      min_share_entries=1)
         return W
 
     parent = step(2)  # the parent's pool now exists
@@ -769,5 +787,5 @@ def _threaded_step_in_child():
     from multinorm.optim import sinkgd_cpu
 
     W, G = torch.zeros(4, 8, 8), torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
-    sinkgd_cpu.sinkgd_matrix_step(list(W), list(G), 5, 1e-8, 0.01, 0.0, False, threads=2)
+    sinkgd_cpu.sinkgd_matrix_step(list(W), list(G), 5, 1e-8, 0.01, 0.0, False, threads=2, min_share_entries=1)
     return W.numpy()
