@@ -88,8 +88,8 @@ def sinkgd_matrix_step(params: list[Tensor], grads: list[Tensor], iters: int, ep
     pairs = [(grad.numpy(), param.detach().numpy()) for param, grad in zip(params, grads)]
     scalars = (np.float32(eps * eps), np.float32(lr if maximize else -lr), np.float32(1.0 - lr * weight_decay))
     m, n = pairs[0][0].shape
-    share = MIN_SHARE_ENTRIES if min_share_entries is None else max(1, min_share_entries)
-    threads = min(threads, max(1, len(pairs) * m * n // share))
+    smallest = MIN_SHARE_ENTRIES if min_share_entries is None else max(1, min_share_entries)
+    threads = min(threads, max(1, len(pairs) * m * n // smallest))
     blocks = row_blocks(m, n, BLOCK_ENTRIES if block_entries is None else block_entries)
     whole = len(pairs) - len(pairs) % threads if len(blocks) > 1 else len(pairs)
     shares = [pairs[k:whole:threads] for k in range(min(threads, whole))]
