@@ -100,6 +100,25 @@ def test_traffic_counts_the_passes_of_each_method():
     assert bench.traffic("swan", [p32]) is None
 
 
+def test_traffic_counts_the_rereads_a_cache_could_serve():
+    """Of a gradient that fits in the cache, SinkGD's reads after the first are cacheable; of a larger one, none."""
+    small, large = (torch.nn.Parameter(torch.zeros(shape)) for shape in ((10, 10), (20, 20)))
+    small.grad, large.grad = torch.zeros(10, 10), torch.zeros(20, 20)
+    moved = bench.traffic("sinkgd", [small, large], cache_bytes=400)  # small: 400 bytes; large: 1,600
+    assert moved.cacheable == 4 * 400 and moved.bytes == (5 * 4 + 12) * 500 and moved.read_only == 5 * 4 * 500
+    rest = moved.from_memory()
+    assert (rest.bytes, rest.read_only, rest.cacheable) == (moved.bytes - 1600, moved.read_only - 1600, 0)
+    assert bench.traffic("sinkgd", [small], cache_bytes=399).cacheable == 0
+    assert bench.traffic("sinkgd", [small]).cacheable == 0  # no cache size known
+    assert bench.traffic("adamw-fused", [small], cache_bytes=10**9).cacheable == 0  # one pass: nothing re-read
+
+
+def test_cache_sizes_are_read_as_sysfs_writes_them():
+    from multinorm.bench.measure import _cache_size
+
+    assert _cache_size("32768K\n") == 32 * 2**20 and _cache_size("1M") == 2**20 and _cache_size("512") == 512
+
+
 def test_bandwidth_floor_counts_read_only_passes_at_the_read_rate():
     machine = {"read": 10e9, "copy": 12e9, "axpy": 20e9}
     sinkgd = bench.Traffic(bytes=800, accounting="", read_only=500)
@@ -196,7 +215,7 @@ def test_targets_status_from_synthetic_tables():
     """Each target reads its own rows: setting, thread count, fused-AdamW baseline; a row not there is "not
     measured" (the micro and all-cores rows left out of the synthetic tables)."""
     targets = evaluate_targets(_tables())
-    assert list(targets.columns) == ["target", "measured", "threshold", "status"]
+    assert list(targets.columns) == ["target", "measured", "threshold", "floor", "status"]
     assert len(targets) == len(bench.TARGETS) == 15
     status = dict(zip(targets["target"], targets["status"]))
     measured = dict(zip(targets["target"], targets["measured"]))
@@ -279,6 +298,36 @@ def test_bandwidth_bound_divides_sinkgds_floor_by_the_adamw_fused_step():
     shown = both.assign(bytes=1e6, achieved_gbs=1.0, machine_gbs=2.0, fraction=0.5)
     text = summary_markdown(_tables() | {"bandwidth": shown}, evaluate_targets(_tables()), {})
     assert "block-1b cpu float32, 1 thread: 0.47; micro cpu float32, 1 thread: 0.60; block-1b cpu float32, 2 threads: 0.95" in text
+
+
+def test_step_targets_beyond_the_bound_are_out_of_reach():
+    """A step ratio that misses its threshold is "out of reach here" when SinkGD's bound (bound_ms, the cacheable
+    re-reads left out; floor_ms where a row has none) over AdamW(fused)'s step misses it too, else "not met"."""
+    names = [t.name for t in bench.TARGETS]
+
+    def bandwidth(block_bound, micro_bound):
+        rows = [("block-1b", "adamw-fused", 40.0, 50.0, None), ("block-1b", "sinkgd", 80.0, 77.0, block_bound),
+                ("micro", "adamw-fused", 3.0, 3.0, None), ("micro", "sinkgd", 6.0, 5.0, micro_bound)]
+        return pd.DataFrame([{"setting": s, "device": "cpu", "dtype": "float32", "threads": 1, "method": m,
+                              "step_ms": t, "floor_ms": f, "bound_ms": b, "fraction": 0.9, "bytes": 1e6,
+                              "achieved_gbs": 1.0, "machine_gbs": 2.0} for s, m, t, f, b in rows])
+
+    tables = _tables(sink_ratio=2.0, micro_ratio=2.0)
+    tables["optimizer_step"] = tables["optimizer_step"].assign(threads=1)
+    found = evaluate_targets(tables | {"bandwidth": bandwidth(56.0, 2.0)}).set_index("target")
+    assert found.loc[names[0], "status"] == "out of reach here" and found.loc[names[0], "floor"] == pytest.approx(1.4)
+    assert found.loc[names[1], "status"] == "not met" and found.loc[names[1], "floor"] == pytest.approx(2 / 3)
+    # without bound_ms the floor decides; a bound at the threshold is within reach
+    found = evaluate_targets(tables | {"bandwidth": bandwidth(48.0, None)}).set_index("target")
+    assert found.loc[names[0], "status"] == "not met" and found.loc[names[0], "floor"] == pytest.approx(1.2)
+    assert found.loc[names[1], "status"] == "out of reach here" and found.loc[names[1], "floor"] == pytest.approx(5 / 3)
+    # a met target stays met; targets with no floor (bandwidth share, phase) carry none
+    met = evaluate_targets(_tables(sink_ratio=1.0) | {"bandwidth": bandwidth(56.0, 2.0)}).set_index("target")
+    assert met.loc[names[0], "status"] == "met"
+    assert met["floor"].iloc[4:].isna().all()
+    text = summary_markdown(tables | {"bandwidth": bandwidth(56.0, 2.0)}, evaluate_targets(tables | {"bandwidth": bandwidth(56.0, 2.0)}),
+                            {"last_level_cache_bytes": 32 * 2**20})
+    assert "| out of reach here |" in text and "(32 MiB here)" in text and "block-1b cpu float32, 1 thread: 1.40" in text
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ from torch.profiler import ProfilerActivity, profile
 from torch.utils import benchmark
 
 __all__ = ["interleave", "ratio_summary", "HostSyncCounter", "count_host_syncs", "peak_extra_bytes",
-           "memory_bandwidth", "matmul_callable", "environment", "available_cores", "threading_label"]
+           "memory_bandwidth", "last_level_cache_bytes", "matmul_callable", "environment", "available_cores",
+           "threading_label"]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -209,6 +210,31 @@ def memory_bandwidth(device: torch.device, nbytes: int, threads: int, min_run_ti
     return out
 
 
+def last_level_cache_bytes(device: torch.device) -> int | None:
+    """The largest cache a step's repeated reads of one matrix could be served from: the highest CPU cache
+    level in sysfs (Linux) or a GPU's L2; None where the system does not say."""
+    if device.type == "cuda":
+        size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)
+        return int(size) or None
+    best = None
+    for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
+        try:
+            level = int((index / "level").read_text())
+            size = _cache_size((index / "size").read_text())
+        except (OSError, ValueError):
+            continue
+        if size and (best is None or level > best[0] or (level == best[0] and size > best[1])):
+            best = (level, size)
+    return best[1] if best else None
+
+
+def _cache_size(text: str) -> int:
+    """sysfs cache size ("32768K", "1M", "512") in bytes."""
+    text = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
 def matmul_callable(n: int, device: torch.device, dtype: torch.dtype) -> tuple[Callable[[], object], float]:
     """A square ``n x n`` matmul into a preallocated output, and its FLOPs (2 n^3)."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -286,6 +312,7 @@ def environment(argv: list[str] | None = None) -> dict:
         "torch_config": config.strip().splitlines(),
         "parallel_info": torch.__config__.parallel_info().strip().splitlines(),
         "gpu": None,
+        "last_level_cache_bytes": last_level_cache_bytes(torch.device("cpu")),
     }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)

@@ -24,7 +24,10 @@ gradient reads) at the ``read`` stream's rate, every other pass at the best stre
 read-only stream is the slower one (fewer misses in flight without writes), so the floor of a step that
 mostly reads is higher than its bytes at the best stream. ``fraction`` is the floor's share of the step
 (achieved over floor bandwidth); it can exceed 1 when a step's kernels keep more streams in flight than
-the simple streams do, so the floor is an estimate, not a strict bound.
+the simple streams do, so the floor is an estimate, not a strict bound. ``bound_ms`` is the floor less the
+reads a last-level cache could serve (the repeated reads of every gradient that fits in it, counted as
+free): the lower estimate, which the targets compare with their thresholds (a step ratio target whose
+threshold is below SinkGD's ``bound_ms`` over AdamW's step is out of reach on the machine).
 """
 
 from __future__ import annotations
@@ -40,8 +43,8 @@ import torch
 
 from ..llama import MODEL_CONFIGS, build_model, split_parameters
 from ..optim import OPTIMIZERS, CombinedOptimizer, SinkGD, optimizer_state_bytes
-from .measure import (HostSyncCounter, interleave, matmul_callable, peak_extra_bytes, ratio_summary,
-                      threading_label)
+from .measure import (HostSyncCounter, interleave, last_level_cache_bytes, matmul_callable, peak_extra_bytes,
+                      ratio_summary, threading_label)
 
 __all__ = ["BLOCK_1B_SHAPES", "SETTINGS", "GPU_SETTINGS", "reference", "method_names", "setting_shapes",
            "random_params", "make_params", "make_optimizer", "predicted_step", "swan_flops", "COMPUTE_FLOORS",
@@ -69,7 +72,7 @@ STEP_COLUMNS = _WHERE + ["baseline", "rounds", "step_ms", "step_ms_min", "step_m
 FLOOR_COLUMNS = _WHERE + ["rounds", "gflop", "matmul_n", "matmul_gflops", "floor_ms", "step_ms", "ratio", "ratio_min",
                           "ratio_max"]
 BANDWIDTH_COLUMNS = _WHERE + ["accounting", "bytes", "step_ms", "achieved_gbs", "machine_gbs", "machine_stream",
-                              "fraction", "floor_ms"]
+                              "fraction", "floor_ms", "bound_ms"]
 
 
 def reference(device: torch.device) -> str:
@@ -180,27 +183,35 @@ COMPUTE_FLOORS: dict[str, Callable[[Sequence[tuple[int, int]]], float]] = {
 
 
 class Traffic(NamedTuple):
-    """The bytes a step must move at least (``bytes``), the accounting in words, and how many of the bytes
-    are passes that only read (``read_only``: SinkGD's gradient reads; a core streams those more slowly
-    than read-and-write passes, whose writes keep more misses in flight)."""
+    """The bytes a step moves (``bytes``), the accounting in words, how many of them are passes that only
+    read (``read_only``: SinkGD's gradient reads; a core streams those more slowly than read-and-write
+    passes, whose writes keep more misses in flight), and how many of those reads a last-level cache could
+    serve (``cacheable``: the repeated reads of each matrix that fits in it)."""
 
     bytes: int
     accounting: str
     read_only: int = 0
+    cacheable: int = 0
+
+    def from_memory(self) -> "Traffic":
+        """The bytes no cache can spare: these, less the ``cacheable`` reads."""
+        return Traffic(self.bytes - self.cacheable, self.accounting, self.read_only - self.cacheable, 0)
 
 
-def traffic(method: str, params: Sequence[torch.Tensor]) -> Traffic | None:
-    """Bytes that a step of ``method`` must move through memory at least, and the accounting; None for a
-    method without one. AdamW (any variant) and SGD stream their tensors once; SinkGD reads the gradient once
-    per Sinkhorn iteration (each row gives its factor and then, still cached, its share of the column sums;
-    the exact prescale follows from iteration 0's row sums) and once more with the weight for the update:
-    what its fused CPU loop (``multinorm.optim.sinkgd_cpu``) moves."""
+def traffic(method: str, params: Sequence[torch.Tensor], cache_bytes: int | None = None) -> Traffic | None:
+    """Bytes that a step of ``method`` moves through memory, and the accounting; None for a method without
+    one. AdamW (any variant) and SGD stream their tensors once; SinkGD reads the gradient once per Sinkhorn
+    iteration (each row gives its factor and then, still cached, its share of the column sums; the exact
+    prescale follows from iteration 0's row sums) and once more with the weight for the update: what its
+    fused CPU loop (``multinorm.optim.sinkgd_cpu``) moves. Of a gradient no larger than ``cache_bytes``
+    (the last-level cache), the reads after the first are ``cacheable``: a loop that sweeps one matrix at
+    a time can find it there."""
     base = method.removesuffix("+compile")
     kind = "adamw" if base in ADAMW_VARIANTS or base == "adamw" else base
     if kind not in ("adamw", "sgd", "sinkgd"):
         return None
     iters = OPTIMIZERS["sinkgd"].defaults["iters"]
-    total = reads = 0
+    total = reads = cached = 0
     for p in params:
         w = p.element_size()
         g = p.grad.element_size() if p.grad is not None else w
@@ -209,11 +220,13 @@ def traffic(method: str, params: Sequence[torch.Tensor]) -> Traffic | None:
                "sinkgd": iters * g + (g + 2 * w)}[kind]
         total += per * p.numel()
         reads += (iters * g if kind == "sinkgd" else 0) * p.numel()
+        if kind == "sinkgd" and cache_bytes and g * p.numel() <= cache_bytes:
+            cached += (iters - 1) * g * p.numel()
     text = {"adamw": "7 passes: param r+w, grad r, exp_avg r+w, exp_avg_sq r+w",
             "sgd": "3 passes: grad r, param r+w",
             "sinkgd": f"{iters} grad reads (L={iters}: one per Sinkhorn iteration); "
                       "grad r + param r+w (update applied in place)"}[kind]
-    return Traffic(total, text, reads)
+    return Traffic(total, text, reads, cached)
 
 
 def bandwidth_floor(moved: Traffic, machine_bandwidth: dict[str, float]) -> tuple[float, str]:
@@ -358,14 +371,15 @@ def _bench_method(name: str, ref: str, ref_opt: torch.optim.Optimizer, params: l
             "method": name, "rounds": rounds, "gflop": flops / 1e9, "matmul_n": matmul_n,
             "matmul_gflops": rate / 1e9, "floor_ms": 1e3 * flops / rate, "step_ms": mine["median"],
             **ratio_summary(times, name, "matmul", scale=mm_flops / flops)})
-    moved = traffic(name, params)
+    moved = traffic(name, params, last_level_cache_bytes(device))
     if moved is not None and machine_bandwidth:
         floor, stream = bandwidth_floor(moved, machine_bandwidth)
+        bound, _ = bandwidth_floor(moved.from_memory(), machine_bandwidth)
         achieved, bw = moved.bytes / (mine["median"] / 1e3), moved.bytes / floor
         out["bandwidth"].append({
             "method": name, "accounting": moved.accounting, "bytes": moved.bytes, "step_ms": mine["median"],
             "achieved_gbs": achieved / 1e9, "machine_gbs": bw / 1e9, "machine_stream": stream,
-            "fraction": achieved / bw, "floor_ms": 1e3 * floor})
+            "fraction": achieved / bw, "floor_ms": 1e3 * floor, "bound_ms": 1e3 * bound})
     return out
 
 
