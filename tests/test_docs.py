@@ -28,7 +28,7 @@ def slugs(markdown: str) -> set[str]:
 def texts():
     """(path, text) of every file that may cite the docs: sources, tests, notebooks, README, docs, references."""
     paths = [*REPO.glob("src/**/*.py"), *REPO.glob("tests/*.py"), REPO / "README.md", *DOCS.glob("*.md"),
-             *REPO.glob("results/reference/*")]
+             *REPO.glob("docs/reference/*")]
     for path in paths:
         yield path, path.read_text()
     for path in REPO.glob("notebooks/*.ipynb"):

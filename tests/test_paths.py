@@ -19,7 +19,7 @@ def test_repo_root_is_this_checkout_from_any_directory(tmp_path, monkeypatch):
 def test_resolve_puts_relative_paths_under_the_root_and_keeps_absolute_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(REPO / "notebooks")  # where Jupyter runs a notebook
     assert resolve("results") == REPO / "results"
-    assert resolve(Path("results/reference/published_numbers.csv")).is_file()
+    assert resolve(Path("docs/reference/published_numbers.csv")).is_file()
     assert resolve(tmp_path / "out") == tmp_path / "out"
     monkeypatch.setenv("HOME", str(tmp_path))
     assert resolve("~/out") == tmp_path / "out"
