@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from multinorm.studies.scaling import Cell, CellResult, cell_config, centred_grid, runs_dir_of, seed_speedups, trend
+from multinorm.studies.scaling import (Cell, CellResult, cell_config, centred_grid, gap_trend, runs_dir_of,
+                                       seed_loss_gaps, seed_speedups, trend)
 from multinorm.train import TrainConfig
 
 
@@ -52,6 +53,30 @@ def test_trend_recovers_a_known_slope_and_names_its_side():
     assert trend(x, scatter, claim=2.4)["trend"] == "undecided"
     # a single cell has no slope
     assert math.isnan(trend([2048] * 3, [1.1, 1.2, 1.3], claim=2.0)["slope"])
+
+
+def test_gap_trend_reads_the_final_loss_gap_per_doubling():
+    x = np.repeat([2048, 4096, 16384], 3)
+    noise = np.tile([-0.002, 0.0, 0.002], 3)
+    widening = 0.07 + 0.04 * np.log2(x / 2048) + noise  # the method falls behind by 0.04 nats per doubling
+    t = gap_trend(x, widening)
+    assert t["gap_slope"] == pytest.approx(0.04) and t["gap_low"] < 0.04 < t["gap_high"] and t["n"] == 9
+    assert t["trend"] == "away"
+    assert gap_trend(x, 0.2 - 0.04 * np.log2(x / 2048) + noise)["trend"] == "toward the claim"
+    assert gap_trend(x, 0.1 + noise)["trend"] == "flat"  # within +-0.01 nats per doubling
+    scatter = 0.1 + np.tile([-0.2, 0.0, 0.2], 3)
+    assert gap_trend(x, scatter)["trend"] == "undecided"
+    assert math.isnan(gap_trend([2048] * 3, [0.1, 0.2, 0.3])["gap_slope"])  # one cell: no slope
+    assert gap_trend([2048, 4096, 4096, 8192], [0.1, np.nan, 0.2, 0.3])["n"] == 3  # a diverged seed is left out
+
+
+def test_seed_loss_gaps_pair_by_seed():
+    final = pd.DataFrame([{"method": m, "seed": s, "run_id": f"{m}-{s}", "final_val_loss": loss}
+                          for m, s, loss in (("adamw", 0, 3.8), ("adamw", 1, 3.9), ("adamw", 2, 3.7),
+                                             ("sinkgd", 1, 4.0), ("sinkgd", 0, 3.85))])
+    result = CellResult(Cell("nano", 8), TrainConfig(), pd.DataFrame(), final, pd.DataFrame(), {})
+    gaps = seed_loss_gaps(result, "sinkgd", "adamw")
+    assert gaps.seed.tolist() == [0, 1] and gaps.gap.tolist() == pytest.approx([0.05, 0.1])
 
 
 def test_seed_speedups_pair_by_seed_and_mark_bounds():

@@ -19,7 +19,11 @@ regime, and its runs are notebook 02's (:func:`runs_dir_of`): they are not train
 
 The trend of a claim along an axis (:func:`trend`) is the least-squares slope of the per-seed log speed-ups on
 log2 of the axis (tokens per step, or width), with its 95 % t interval: "toward the claim" or "away" when the
-interval excludes 0 on that side, "flat" when it lies within +-5 % per doubling, "undecided" otherwise.
+interval excludes 0 on that side, "flat" when it lies within +-5 % per doubling, "undecided" otherwise. A
+speed-up of a method that never reached the reference's final loss is only a bound, and a slope fitted to bounds
+means nothing; where any seed of an axis is such a bound, the trend is read from the paired final-loss gap
+instead (:func:`gap_trend`: method minus reference, in nats per doubling; falling is toward a claim of fewer
+tokens, flat within +-0.01 nats per doubling).
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ from multinorm.studies.stats import token_speedup
 from multinorm.train import TrainConfig
 
 __all__ = ["Cell", "cell_config", "centred_grid", "runs_dir_of", "ScalingStudy", "CellResult", "cell_rows",
-           "seed_speedups", "trend", "TREND_MARGIN", "EXPLANATIONS", "CAMPAIGN_BUDGET_HOURS", "CAMPAIGN_STUDIES",
+           "seed_speedups", "seed_loss_gaps", "trend", "gap_trend", "TREND_MARGIN", "GAP_MARGIN", "EXPLANATIONS", "CAMPAIGN_BUDGET_HOURS", "CAMPAIGN_STUDIES",
            "campaign_time_text"]
 
 # "flat": the slope's interval lies within this factor per doubling of the axis.
 TREND_MARGIN = 1.05
+GAP_MARGIN = 0.01  # nats per doubling: a final-loss gap whose slope stays within +-this is "flat"
 # The campaign's planned cost, in hours of a 2-core machine, and the run folders that are its own: the base
 # cell's runs are notebook 02's (results/runs/convergence) and are not counted again.
 CAMPAIGN_BUDGET_HOURS = 12.0
@@ -210,6 +215,41 @@ def seed_speedups(result: CellResult, method: str, reference: str) -> pd.DataFra
         value, cut = token_speedup(*_curve(curves, ref.loc[s, "run_id"]), *_curve(curves, runs.loc[s, "run_id"]), 1.0)
         rows.append({"seed": s, "speedup": value, "censored": bool(cut)})
     return pd.DataFrame(rows, columns=["seed", "speedup", "censored"])
+
+
+def seed_loss_gaps(result: CellResult, method: str, reference: str) -> pd.DataFrame:
+    """Per seed: ``method``'s final validation loss minus ``reference``'s, paired by seed (NaN where either run
+    has no finite final loss)."""
+    final = result.final
+    ref, runs = final[final.method == reference].set_index("seed"), final[final.method == method].set_index("seed")
+    seeds = sorted(set(ref.index) & set(runs.index))
+    gaps = [float(runs.loc[s, "final_val_loss"] - ref.loc[s, "final_val_loss"]) for s in seeds]
+    return pd.DataFrame({"seed": seeds, "gap": gaps}, columns=["seed", "gap"])
+
+
+def gap_trend(x: Sequence[float], gaps: Sequence[float], margin: float = GAP_MARGIN) -> dict[str, Any]:
+    """The slope of the paired final-loss gap (method - reference, nats) on log2 ``x``, in nats per doubling, with
+    its 95 % t interval, and its word for a claim that the method needs fewer tokens than the reference (so a
+    lower loss at the same tokens): "toward the claim" when the interval lies below 0 (the gap falls), "away"
+    when above, "flat" when within ``[-margin, margin]``, else "undecided". It reads the trend of a method whose
+    speed-ups are bounds (:func:`trend` cannot), from a quantity every run has."""
+    x, y = np.log2(np.asarray(x, float)), np.asarray(gaps, float)
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(np.unique(x)) < 2 or len(x) < 3:
+        return {"gap_slope": math.nan, "gap_low": math.nan, "gap_high": math.nan, "n": len(x), "trend": "undecided"}
+    fit = scipy_stats.linregress(x, y)
+    half = scipy_stats.t.ppf(0.975, len(x) - 2) * fit.stderr
+    low, high = fit.slope - half, fit.slope + half
+    if high < 0:
+        word = "toward the claim"
+    elif low > 0:
+        word = "away"
+    elif -margin <= low and high <= margin:
+        word = "flat"
+    else:
+        word = "undecided"
+    return {"gap_slope": fit.slope, "gap_low": low, "gap_high": high, "n": len(x), "trend": word}
 
 
 def trend(x: Sequence[float], speedups: Sequence[float], claim: float | None,
