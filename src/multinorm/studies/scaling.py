@@ -227,20 +227,28 @@ def seed_loss_gaps(result: CellResult, method: str, reference: str) -> pd.DataFr
     return pd.DataFrame({"seed": seeds, "gap": gaps}, columns=["seed", "gap"])
 
 
+def _log2_fit(x: Sequence[float], y: np.ndarray) -> tuple[tuple[float, float, float], np.ndarray, np.ndarray]:
+    """The least-squares slope of ``y`` on log2 ``x`` over the points where both are finite, with its 95 % t
+    interval: ((slope, low, high), log2 x, y) of those points; NaNs with fewer than three points or one x."""
+    x = np.log2(np.asarray(x, float))
+    ok = np.isfinite(x) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if len(np.unique(x)) < 2 or len(x) < 3:
+        return (math.nan, math.nan, math.nan), x, y
+    fit = scipy_stats.linregress(x, y)
+    half = scipy_stats.t.ppf(0.975, len(x) - 2) * fit.stderr
+    return (fit.slope, fit.slope - half, fit.slope + half), x, y
+
+
 def gap_trend(x: Sequence[float], gaps: Sequence[float], margin: float = GAP_MARGIN) -> dict[str, Any]:
     """The slope of the paired final-loss gap (method - reference, nats) on log2 ``x``, in nats per doubling, with
     its 95 % t interval, and its word for a claim that the method needs fewer tokens than the reference (so a
     lower loss at the same tokens): "toward the claim" when the interval lies below 0 (the gap falls), "away"
     when above, "flat" when within ``[-margin, margin]``, else "undecided". It reads the trend of a method whose
     speed-ups are bounds (:func:`trend` cannot), from a quantity every run has."""
-    x, y = np.log2(np.asarray(x, float)), np.asarray(gaps, float)
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(np.unique(x)) < 2 or len(x) < 3:
-        return {"gap_slope": math.nan, "gap_low": math.nan, "gap_high": math.nan, "n": len(x), "trend": "undecided"}
-    fit = scipy_stats.linregress(x, y)
-    half = scipy_stats.t.ppf(0.975, len(x) - 2) * fit.stderr
-    low, high = fit.slope - half, fit.slope + half
+    (slope, low, high), x, _ = _log2_fit(x, np.asarray(gaps, float))
+    if math.isnan(slope):
+        return {"gap_slope": slope, "gap_low": low, "gap_high": high, "n": len(x), "trend": "undecided"}
     if high < 0:
         word = "toward the claim"
     elif low > 0:
@@ -249,7 +257,7 @@ def gap_trend(x: Sequence[float], gaps: Sequence[float], margin: float = GAP_MAR
         word = "flat"
     else:
         word = "undecided"
-    return {"gap_slope": fit.slope, "gap_low": low, "gap_high": high, "n": len(x), "trend": word}
+    return {"gap_slope": slope, "gap_low": low, "gap_high": high, "n": len(x), "trend": word}
 
 
 def trend(x: Sequence[float], speedups: Sequence[float], claim: float | None,
@@ -259,14 +267,9 @@ def trend(x: Sequence[float], speedups: Sequence[float], claim: float | None,
     side is where the claim lies from the mean speed-up at the largest ``x``), "flat" when the interval lies
     within ``[1/margin, margin]``, else "undecided". Without a claim (``None``) the words are "rising" and
     "falling" instead."""
-    x, y = np.log2(np.asarray(x, float)), np.log(np.asarray(speedups, float))
-    ok = np.isfinite(x) & np.isfinite(y)
-    x, y = x[ok], y[ok]
-    if len(np.unique(x)) < 2 or len(x) < 3:
-        return {"slope": math.nan, "slope_low": math.nan, "slope_high": math.nan, "n": len(x), "trend": "undecided"}
-    fit = scipy_stats.linregress(x, y)
-    half = scipy_stats.t.ppf(0.975, len(x) - 2) * fit.stderr
-    low, high = fit.slope - half, fit.slope + half
+    (slope, low, high), x, y = _log2_fit(x, np.log(np.asarray(speedups, float)))
+    if math.isnan(slope):
+        return {"slope": slope, "slope_low": low, "slope_high": high, "n": len(x), "trend": "undecided"}
     at_end = y[x == x.max()].mean()
     toward = 1.0 if claim is None or math.log(claim) >= at_end else -1.0
     if toward * low > 0:
@@ -277,7 +280,7 @@ def trend(x: Sequence[float], speedups: Sequence[float], claim: float | None,
         word = "flat"
     else:
         word = "undecided"
-    return {"slope": math.exp(fit.slope), "slope_low": math.exp(low), "slope_high": math.exp(high), "n": len(x),
+    return {"slope": math.exp(slope), "slope_low": math.exp(low), "slope_high": math.exp(high), "n": len(x),
             "trend": word}
 
 
