@@ -6,8 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from multinorm.studies.scaling import (Cell, CellResult, cell_config, centred_grid, gap_trend, runs_dir_of,
-                                       seed_loss_gaps, seed_speedups, trend)
+from multinorm.studies.scaling import (RECIPE_CLAIM, Cell, CellResult, cell_config, centred_grid,
+                                       explanation_verdict, gap_trend, runs_dir_of, seed_loss_gaps, seed_speedups,
+                                       trend, with_explanations)
 from multinorm.train import TrainConfig
 
 
@@ -110,3 +111,41 @@ def test_campaign_time_text_counts_the_campaigns_own_runs_against_its_budget():
     assert "30.0 core-hours over 44 runs" in done and "3.0 hours over the 12 it was planned for." in done
     assert "already 3.0 over" in campaign_time_text(times.assign(core_hours=[13.9, 29.0, 1.0]), complete=False)
     assert "within the 12 it was planned for" in campaign_time_text(times, complete=True)
+
+
+def _explanations(estimate, low, high, censored, cell="nano-2048", method="sinkgd-paper"):
+    return pd.DataFrame([{"method": method, "reference": "adamw", "quantity": q, "estimate": e, "ci_low": lo,
+                          "ci_high": hi, "n": 3, "censored": c, "cell": cell}
+                         for q, e, lo, hi, c in (("final_loss_diff", -0.02, -0.03, -0.01, 0),
+                                                 ("speedup_100", estimate, low, high, censored))])
+
+
+@pytest.mark.parametrize("estimate,low,high,censored,word", [
+    (1.08, 1.03, 1.13, 0, "partly"),           # faster than AdamW, well short of 2.4x
+    (1.05, 0.97, 1.14, 0, "not reproduced"),   # not resolved from 1
+    (2.6, 2.2, 3.0, 0, "reproduced"),          # the claim inside the interval
+    (1.0, 1.0, 1.0, 3, "contradicted"),        # no seed reached AdamW's loss
+])
+def test_the_recipe_answers_sinkgds_token_claim_from_its_speedup_row(estimate, low, high, censored, word):
+    row = explanation_verdict(_explanations(estimate, low, high, censored), "nano-2048")
+    assert row["verdict"] == word and row["claim"] == RECIPE_CLAIM[0] and row["reference"] == "adamw"
+    assert (row["ours"], row["ci_low"], row["ci_high"], row["n"], row["censored"]) == (estimate, low, high, 3,
+                                                                                         censored)
+
+
+def test_the_recipe_verdict_is_absent_until_its_cell_is_recorded():
+    assert explanation_verdict(_explanations(1.08, 1.03, 1.13, 0, cell="nano-16384"), "nano-2048") is None
+    assert explanation_verdict(_explanations(1.08, 1.03, 1.13, 0, method="sinkgd-momentum"), "nano-2048") is None
+
+
+def test_with_explanations_pairs_an_explanation_with_the_cells_methods():
+    final = pd.DataFrame([{"method": m, "seed": s, "run_id": f"{m}-{s}", "final_val_loss": loss}
+                          for m, s, loss in (("adamw", 0, 3.8), ("adamw", 1, 3.9))])
+    extra = pd.DataFrame([{"method": "sinkgd-paper", "seed": s, "run_id": f"p-{s}", "final_val_loss": loss}
+                          for s, loss in ((0, 3.7), (1, 3.95))])
+    result = CellResult(Cell("nano", 8), TrainConfig(), pd.DataFrame(), final, pd.DataFrame(), {})
+    explained = CellResult(Cell("nano", 8), TrainConfig(), pd.DataFrame(), extra, pd.DataFrame(), {})
+    assert with_explanations(result, None) is result
+    gaps = seed_loss_gaps(with_explanations(result, explained), "sinkgd-paper", "adamw")
+    assert gaps.gap.tolist() == pytest.approx([-0.1, 0.05])
+    assert len(result.final) == 2  # the cell's own table is left as it was

@@ -39,7 +39,7 @@ from multinorm.train import TrainConfig
 __all__ = ["StudyMethod", "ConvergenceStudy", "FRACTIONS", "CLAIMS", "paired_comparisons", "selection_bias",
            "verdict_table", "bench_throughput_ratios", "bench_throughput", "results_table", "verdict_lines",
            "speedup_text", "comparison_table", "speedup_groups", "bench_ceiling", "regime_columns",
-           "regime_text", "run_parameters", "TREND_COLUMNS", "optimizer_ceiling"]
+           "regime_text", "run_parameters", "TREND_COLUMNS", "optimizer_ceiling", "speedup_verdict"]
 
 FRACTIONS = (0.5, 0.75, 1.0)
 ADAMW_BETA2 = (0.95, 0.999)
@@ -360,14 +360,20 @@ def verdict_table(final: pd.DataFrame, curves: pd.DataFrame, baseline: str,
             r = table[(table.method == method) & (table.quantity == quantity)].iloc[0]
             est, lo, hi, n, censored = r.estimate, r.ci_low, r.ci_high, r.n, r.censored
         ceiling = ceilings.get(method) if quantity == "throughput_ratio" else None
-        word = verdict(lo, hi, factor, ceiling)
-        if n and censored == n and hi <= 1.0:
-            # No seed reached the reference's loss within the budget: every speed-up is below its bound <= 1.
-            word = "contradicted"
+        word = speedup_verdict(lo, hi, factor, n, censored, ceiling)
         rows.append({"claim": claim, "paper": paper, "ours": est, "ci_low": lo, "ci_high": hi, "n": n,
                      "censored": censored, "reference": reference, "source": source,
                      "ceiling": math.nan if ceiling is None else ceiling, "verdict": word})
     return pd.DataFrame(rows)
+
+
+def speedup_verdict(low: float, high: float, claim: float, n: int = 0, censored: int = 0,
+                    ceiling: float | None = None) -> str:
+    """:func:`~multinorm.studies.stats.verdict` for a claimed factor, where ``censored`` of the ``n`` seeds'
+    speed-ups are bounds: when every one is a bound <= 1 (no seed reached the reference's loss within the
+    budget) the claim is "contradicted", although the interval of the bounds touches 1."""
+    word = verdict(low, high, claim, ceiling)
+    return "contradicted" if n and censored == n and high <= 1.0 else word
 
 
 def optimizer_ceiling(profile: pd.DataFrame, method: str = "sinkgd", baseline: str = "adamw") -> pd.DataFrame:

@@ -32,6 +32,8 @@ METHOD_LABELS = {
     "swan-0": "SWAN-0 (fully stateless)",
     # implementations compared by `make bench`
     "adamw-foreach": "AdamW (foreach)", "adamw-fused": "AdamW (fused)", "sinkgd-torch": "SinkGD (torch ops)",
+    # the explanations of the scaling study (notebook 05)
+    "sinkgd-momentum": "SinkGD + momentum", "sinkgd-paper": "SinkGD (paper's recipe)",
 }
 
 

@@ -40,12 +40,13 @@ import pandas as pd
 from scipy import stats as scipy_stats
 
 from multinorm.studies.convergence import (ConvergenceStudy, StudyMethod, _curve, best_config, interior,
-                                   paired_comparisons, seed_curves)
+                                           paired_comparisons, seed_curves, speedup_verdict)
 from multinorm.studies.stats import token_speedup
 from multinorm.train import TrainConfig
 
 __all__ = ["Cell", "cell_config", "centred_grid", "runs_dir_of", "ScalingStudy", "CellResult", "cell_rows",
-           "seed_speedups", "seed_loss_gaps", "trend", "gap_trend", "TREND_MARGIN", "GAP_MARGIN", "EXPLANATIONS", "CAMPAIGN_BUDGET_HOURS", "CAMPAIGN_STUDIES",
+           "seed_speedups", "seed_loss_gaps", "trend", "gap_trend", "TREND_MARGIN", "GAP_MARGIN", "EXPLANATIONS", "RECIPE_CLAIM",
+           "with_explanations", "explanation_verdict", "CAMPAIGN_BUDGET_HOURS", "CAMPAIGN_STUDIES",
            "campaign_time_text"]
 
 # "flat": the slope's interval lies within this factor per doubling of the axis.
@@ -100,6 +101,11 @@ EXPLANATIONS = (
     # matrices, AdamW's default betas
     ("sinkgd-paper", "sinkgd", {"scale": 0.05}, False, (0.02,)),
 )
+
+# The SinkGD paper's token claim, answered for its recipe as published (the explanation "sinkgd-paper"), beside
+# notebook 02's answer for the tuned SinkGD: (claim, paper, factor, method, reference) as in convergence.CLAIMS.
+RECIPE_CLAIM = ("SinkGD as published (the paper's recipe, lr 0.02 and α = 0.05) reaches Adam's loss with "
+                "2.4-2.8x fewer tokens", "2.4x (350M), 2.8x (1.3B)", 2.4, "sinkgd-paper", "adamw")
 
 
 @dataclass
@@ -166,6 +172,33 @@ class ScalingStudy:
         sweep = study.tune(methods)
         final = study.seeds(methods, sweep)
         return CellResult(result.cell, study.base, sweep, final, seed_curves(final, study.runs_dir), result.adamw)
+
+
+def with_explanations(result: CellResult, explained: CellResult | None) -> CellResult:
+    """A cell's result with the runs of its explanations (:meth:`ScalingStudy.run_explanations`) beside its own,
+    so an explanation can be paired with any method of the cell; ``result`` itself when ``explained`` is None."""
+    if explained is None:
+        return result
+    return dataclasses.replace(result, final=pd.concat([result.final, explained.final], ignore_index=True),
+                               curves=pd.concat([result.curves, explained.curves], ignore_index=True))
+
+
+def explanation_verdict(explanations: pd.DataFrame, cell: str,
+                        claim: tuple[str, str, float, str, str] = RECIPE_CLAIM) -> dict[str, Any] | None:
+    """A verdict row (the columns of :func:`~multinorm.studies.convergence.verdict_table`) for ``claim`` answered
+    by an explanation's paired token speed-up at ``cell`` (a row of notebook 05's ``explanations.csv``); None
+    while that comparison is not recorded."""
+    text, paper, factor, method, reference = claim
+    rows = explanations[(explanations.method == method) & (explanations.reference == reference)
+                        & (explanations.cell == cell) & (explanations.quantity == "speedup_100")]
+    if rows.empty:
+        return None
+    r = rows.iloc[0]
+    n, censored = int(r.n), int(r.censored)
+    return {"claim": text, "paper": paper, "ours": float(r.estimate), "ci_low": float(r.ci_low),
+            "ci_high": float(r.ci_high), "n": n, "censored": censored, "reference": reference,
+            "source": "study runs (notebook 05)", "ceiling": math.nan,
+            "verdict": speedup_verdict(float(r.ci_low), float(r.ci_high), factor, n, censored)}
 
 
 def tuned_lrs(result: CellResult) -> dict[str, float]:
