@@ -60,6 +60,9 @@ METHOD_STYLES: dict[str, dict[str, str]] = {
     "adamw-foreach": {"color": "#333333", "marker": "8", "ls": "-"},
     "adamw-fused": {"color": "#333333", "marker": "H", "ls": "-"},
     "sinkgd-torch": {"color": "#0173b2", "marker": "+", "ls": "-"},
+    # SinkGD's variants (the scaling study's explanations): SinkGD's colour, dashed
+    "sinkgd-momentum": {"color": "#0173b2", "marker": "o", "ls": "--"},
+    "sinkgd-paper": {"color": "#0173b2", "marker": "s", "ls": "--"},
 }
 IMPLEMENTATIONS = {"adamw-foreach": "adamw", "adamw-fused": "adamw", "sinkgd-torch": "sinkgd"}
 _UNKNOWN_STYLE = {"color": "#000000", "marker": ".", "ls": ":"}
