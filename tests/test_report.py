@@ -3,7 +3,8 @@
 import matplotlib.colors as mcolors
 
 from multinorm.optim import OPTIMIZERS
-from multinorm.studies.report import IMPLEMENTATIONS, METHOD_STYLES, method_colors, method_label, method_style
+from multinorm.studies.report import (IMPLEMENTATIONS, METHOD_STYLES, VARIANTS, method_colors, method_label,
+                                     method_style)
 
 STUDY_METHODS = ["adamw", "adamw-split", "frozen-hidden", "sgd", "sinkgd", "swan", "muon", "galore", "apollo-mini",
                  "apollo", "fira"]
@@ -14,11 +15,14 @@ def test_every_registry_optimizer_and_study_method_has_its_own_style():
         assert name in METHOD_STYLES, name
         style = method_style(name)
         assert set(style) == {"color", "marker", "ls", "label"} and style["label"] == method_label(name)
-    colors = [mcolors.to_hex(s["color"]) for name, s in METHOD_STYLES.items() if name not in IMPLEMENTATIONS]
+    colors = [mcolors.to_hex(s["color"]) for name, s in METHOD_STYLES.items()
+              if name not in IMPLEMENTATIONS and name not in VARIANTS]
     markers = [s["marker"] for s in METHOD_STYLES.values()]
     assert len(set(colors)) == len(colors) and len(set(markers)) == len(markers)
-    for variant, method in IMPLEMENTATIONS.items():  # another implementation: the method's colour
+    for variant, method in {**IMPLEMENTATIONS, **VARIANTS}.items():  # the method's colour, a marker of its own
         assert METHOD_STYLES[variant]["color"] == METHOD_STYLES[method]["color"]
+    for variant in VARIANTS:  # told apart from the method by a dashed line too
+        assert METHOD_STYLES[variant]["ls"] == "--"
 
 
 def test_baseline_is_neutral_and_the_control_dashed():

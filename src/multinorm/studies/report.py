@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 __all__ = ["set_style", "save_figure", "reuse_tables", "markdown_table", "replace_section", "update_readme",
-           "METHOD_LABELS", "METHOD_STYLES", "IMPLEMENTATIONS", "method_label", "method_style", "method_colors"]
+           "METHOD_LABELS", "METHOD_STYLES", "IMPLEMENTATIONS", "VARIANTS", "method_label", "method_style", "method_colors"]
 
 METHOD_LABELS = {
     "adamw": "AdamW", "sgd": "SGD", "sinkgd": "SinkGD", "swan": "SWAN", "swan-nsds": "SWAN (NSDS)",
@@ -60,11 +60,12 @@ METHOD_STYLES: dict[str, dict[str, str]] = {
     "adamw-foreach": {"color": "#333333", "marker": "8", "ls": "-"},
     "adamw-fused": {"color": "#333333", "marker": "H", "ls": "-"},
     "sinkgd-torch": {"color": "#0173b2", "marker": "+", "ls": "-"},
-    # SinkGD's variants (the scaling study's explanations): SinkGD's colour, dashed
-    "sinkgd-momentum": {"color": "#0173b2", "marker": "o", "ls": "--"},
-    "sinkgd-paper": {"color": "#0173b2", "marker": "s", "ls": "--"},
+    # a variant of a method (VARIANTS, the scaling study's explanations): the method's colour, dashed, a star
+    "sinkgd-momentum": {"color": "#0173b2", "marker": (4, 1, 0), "ls": "--"},
+    "sinkgd-paper": {"color": "#0173b2", "marker": (6, 1, 0), "ls": "--"},
 }
 IMPLEMENTATIONS = {"adamw-foreach": "adamw", "adamw-fused": "adamw", "sinkgd-torch": "sinkgd"}
+VARIANTS = {"sinkgd-momentum": "sinkgd", "sinkgd-paper": "sinkgd"}
 _UNKNOWN_STYLE = {"color": "#000000", "marker": ".", "ls": ":"}
 
 
