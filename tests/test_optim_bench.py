@@ -394,7 +394,7 @@ def test_quick_run_writes_every_table(tmp_path, capsys):
     for _, frame in tables["train_profile"].groupby(["optimizer", "threads"]):
         assert set(frame["phase"]) == {"data", "forward", "backward", "optimizer", "evaluation", "other"}
         assert frame["fraction"].sum() == pytest.approx(1.0, abs=1e-4)  # the CSV keeps 6 digits
-    assert len(targets) == len(bench.TARGETS) and set(targets["status"]) <= {"met", "not met", "not measured"}
+    assert len(targets) == len(bench.TARGETS) and set(targets["status"]) <= {"met", "not met", "out of reach here", "not measured"}
     if not torch.cuda.is_available():
         assert targets["status"].iloc[-1] == "not measured"
     assert (tmp_path / "environment.json").exists() and "Targets" in (tmp_path / "readme_bench.md").read_text()
