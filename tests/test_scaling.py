@@ -109,7 +109,9 @@ def test_campaign_time_text_counts_the_campaigns_own_runs_against_its_budget():
     assert "10.5 hours of a 2-core machine so far, of the 12 it was planned for;" in partial
     done = campaign_time_text(times.assign(core_hours=[13.9, 29.0, 1.0]), complete=True)
     assert "30.0 core-hours over 44 runs" in done and "3.0 hours over the 12 it was planned for." in done
-    assert "already 3.0 over" in campaign_time_text(times.assign(core_hours=[13.9, 29.0, 1.0]), complete=False)
+    assert "at most 10.5 hours of a 2-core machine" in partial and "bounds the machine's time from above" in partial
+    assert "at most 3.0 hours over the 12" in done
+    assert "already at most 3.0 over" in campaign_time_text(times.assign(core_hours=[13.9, 29.0, 1.0]), complete=False)
     assert "within the 12 it was planned for" in campaign_time_text(times, complete=True)
 
 

@@ -326,11 +326,13 @@ def campaign_time_text(run_times: pd.DataFrame, complete: bool, budget_hours: fl
     core_hours, runs = float(rows["core_hours"].sum()), int(rows["runs"].sum())
     hours = core_hours / cores
     what = (f"{core_hours:.1f} core-hours over {runs} runs (its probe included; the base cell's runs are "
-            f"notebook 02's), {hours:.1f} hours of a {cores}-core machine")
+            f"notebook 02's; each run's wall time times its threads, so runs that shared a core with another "
+            f"count in full and this bounds the machine's time from above), at most {hours:.1f} hours of a "
+            f"{cores}-core machine")
     if complete:
-        against = (f"{hours - budget_hours:.1f} hours over the {budget_hours:g} it was planned for"
+        against = (f"at most {hours - budget_hours:.1f} hours over the {budget_hours:g} it was planned for"
                    if hours > budget_hours else f"within the {budget_hours:g} it was planned for")
         return f"The scaling campaign took {what}: {against}."
-    over = f", already {hours - budget_hours:.1f} over" if hours > budget_hours else ""
+    over = f", already at most {hours - budget_hours:.1f} over" if hours > budget_hours else ""
     return (f"The scaling campaign has taken {what} so far, of the {budget_hours:g} it was planned for{over}; "
             "the cells above that are not recorded yet will add to it.")
